@@ -1,0 +1,26 @@
+"""Hybrid softmax-window + linear attention (../shared/design/lolcats.md §1.3, §7).
+
+`naive.py` is the quadratic oracle, `parallel.py` the chunked PyTorch form (CPU path and reference),
+`recurrent.py` the decode form. Backends sit in `BACKENDS`; `hybrid_attention` dispatches to one.
+"""
+from typing import Callable
+
+from .naive import hybrid_attention_naive
+from .parallel import hybrid_attention_parallel
+from .recurrent import HybridState, hybrid_attention_recurrent, hybrid_attention_step, prefill_state
+from .windows import WINDOW_KINDS, window_kind
+
+BACKENDS: dict[str, Callable] = {"torch": hybrid_attention_parallel}
+
+
+def hybrid_attention(q, k, v, fq, fk, gamma, window_size: int, window: str = "sliding",
+                     scale: float | None = None, backend: str = "torch"):
+    """Parallel hybrid attention through the named backend; see `naive.py` for the contract."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; known: {sorted(BACKENDS)}")
+    return BACKENDS[backend](q, k, v, fq, fk, gamma, window_size, window, scale)
+
+
+__all__ = ["BACKENDS", "HybridState", "WINDOW_KINDS", "hybrid_attention", "hybrid_attention_naive",
+           "hybrid_attention_parallel", "hybrid_attention_recurrent", "hybrid_attention_step",
+           "prefill_state", "window_kind"]

@@ -1,0 +1,1 @@
+"""LoLCATs linearization library: hybrid attention swap, data, training, evaluation, tracking."""

