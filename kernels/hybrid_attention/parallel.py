@@ -95,5 +95,6 @@ def hybrid_attention_parallel(
         k_sum = F_.pad(fkc.sum(dim=3).cumsum(dim=2), (0, 0, 2, 0))[:, :, :N]  # [B,H,N,F], z likewise
         num = num + torch.einsum("bhncf,bhnfd->bhncd", fqc, state)
         den = den + torch.einsum("bhncf,bhnf->bhnc", fqc, k_sum)[..., None]
-    y = (num / den).reshape(B, H, N * C, D)[:, :, :T]
-    return y.to(q.dtype)
+    # Padded queries are dropped before dividing: in linear-only mode their normaliser is 0.
+    num, den = num.reshape(B, H, N * C, D)[:, :, :T], den.reshape(B, H, N * C, 1)[:, :, :T]
+    return (num / den).to(q.dtype)

@@ -50,11 +50,11 @@ class HybridState:
                            self.window_fk[:, :, count:], self.seen)
 
 
-def prefill_state(k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor | None, window_size: int,
-                  window: str = "sliding") -> HybridState:
+def prefill_state(k: torch.Tensor, v: torch.Tensor, fk: torch.Tensor | None, num_heads: int,
+                  window_size: int, window: str = "sliding") -> HybridState:
     """The state after consuming k, v [B,Hkv,T,D] and fk [B,H,T,F] (window-only: fk None) at once."""
     B, Hkv, T, D = k.shape
-    H = fk.shape[1] if fk is not None else Hkv
+    H = num_heads
     fk = fk if fk is not None else torch.zeros(B, H, T, 0, device=k.device)
     state = HybridState.empty(B, H, Hkv, D, fk.shape[-1], device=k.device, dtype=k.dtype)
     state = HybridState(state.kv_state, state.k_state, k, v, fk.float(), T)

@@ -34,7 +34,7 @@ class HybridAttention(nn.Module):
             feature_map = FEATURE_MAPS[config.feature_map]
             self.feature_map_q = feature_map(num_heads, head_dim, config.feature_dim, config.feature_init)
             self.feature_map_k = feature_map(num_heads, head_dim, config.feature_dim, config.feature_init)
-        if config.uses_window:
+        if config.uses_window and config.uses_linear:  # gamma cancels out of a window-only softmax
             self.window_factors = nn.Parameter(torch.full((num_heads,), config.init_window_factor))
 
     def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -45,7 +45,7 @@ class HybridAttention(nn.Module):
         return self.feature_map_q(q), self.feature_map_k(k_rep)
 
     def gamma(self) -> torch.Tensor | None:
-        return torch.sigmoid(self.window_factors.float()) if self.config.uses_window else None
+        return torch.sigmoid(self.window_factors.float()) if hasattr(self, "window_factors") else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q [B,H,T,D], k, v [B,Hkv,T,D] -> y [B,H,T,D]."""

@@ -1,0 +1,98 @@
+"""Swap every softmax attention of a transformers causal LM for the hybrid, and save/load the result.
+
+../shared/design/lolcats.md §1.1, §2. No modeling code is copied: `linearize` registers
+`hybrid_attention_forward` with transformers' `AttentionInterface` (plus a mask builder, without
+which transformers passes no mask), attaches a `HybridAttention` to each attention module as
+`self_attn.hybrid`, freezes everything else, and switches the model's attention implementation.
+A linearized model is saved as its new weights only (safetensors) plus `hybrid_config.json`.
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..teacher import load_teacher
+from .attention import HybridAttention, hybrid_attention_forward
+from .config import HybridConfig
+
+ATTN_IMPLEMENTATION = "lolcats_hybrid"
+WEIGHTS_FILE = "hybrid_attention.safetensors"
+CONFIG_FILE = "hybrid_config.json"
+
+# Architectures whose attention modules call the attention interface with post-RoPE q and
+# un-repeated k/v, and live at `model.layers[i].self_attn` (tested with random weights).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, hybrid_attention_forward)
+# sdpa's builder returns None when nothing is padded, a boolean mask otherwise (checked by the forward).
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The attention module of every decoder layer, in layer order."""
+    return [m for name, m in model.named_modules() if name.endswith(".self_attn")]
+
+
+def linearize(model: PreTrainedModel, config: HybridConfig) -> PreTrainedModel:
+    """Swap in place; afterwards only feature maps and window factors require grad."""
+    model_type = model.config.model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"cannot linearize model_type {model_type!r}: supported are {list(SUPPORTED_MODEL_TYPES)}")
+    text_config = model.config.get_text_config()
+    num_heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
+    model.requires_grad_(False)
+    device = next(model.parameters()).device
+    for module in attention_modules(model):
+        # fp32 masters for the new weights whatever the model dtype ([ours], spec §2)
+        module.hybrid = HybridAttention(config, num_heads, head_dim).to(device=device, dtype=torch.float32)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+def hybrid_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only the weights the swap added (feature maps, window factors), by their model names."""
+    return {name: p.detach() for name, p in model.named_parameters() if ".hybrid." in name}
+
+
+def save_linearized(model: PreTrainedModel, config: HybridConfig, folder: str | Path,
+                    teacher_source: str) -> None:
+    """Write the new weights and the config that rebuilds them; files land whole or not at all."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.contiguous().cpu() for name, t in hybrid_state_dict(model).items()}
+    meta = {"teacher_source": teacher_source, "attention": config.to_dict()}
+    _atomic_write(folder / WEIGHTS_FILE, lambda path: save_file(tensors, path))
+    _atomic_write(folder / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(meta, indent=2)))
+
+
+def load_linearized(folder: str | Path, teacher_source: str | None = None,
+                    dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Teacher (from `teacher_source`, default the one recorded) + swap + the saved hybrid weights."""
+    folder = Path(folder)
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    model = load_teacher(teacher_source or meta["teacher_source"], dtype=dtype)
+    model = linearize(model, HybridConfig(**meta["attention"]))
+    weights = load_file(str(folder / WEIGHTS_FILE))
+    expected = set(hybrid_state_dict(model))
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ValueError(f"{folder / WEIGHTS_FILE} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
+    model.load_state_dict(weights, strict=False)
+    return model
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
