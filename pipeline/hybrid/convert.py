@@ -60,9 +60,17 @@ def hybrid_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if ".hybrid." in name}
 
 
-def save_linearized(model: PreTrainedModel, config: HybridConfig, folder: str | Path,
-                    teacher_source: str) -> None:
+def hybrid_config(model: PreTrainedModel) -> HybridConfig:
+    """The config a model was linearized with."""
+    modules = attention_modules(model)
+    if not modules or not hasattr(modules[0], "hybrid"):
+        raise ValueError("this model has not been linearized")
+    return modules[0].hybrid.config
+
+
+def save_linearized(model: PreTrainedModel, folder: str | Path, teacher_source: str) -> None:
     """Write the new weights and the config that rebuilds them; files land whole or not at all."""
+    config = hybrid_config(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.contiguous().cpu() for name, t in hybrid_state_dict(model).items()}
