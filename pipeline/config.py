@@ -3,7 +3,7 @@
 Blocks shared by several stages (`teacher`, `attention`, `tracking`) come first, then one block per
 stage in pipeline order. Reading and checking rules live in `params.py`.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -69,4 +69,99 @@ class PrepareDataConfig(ParamsBlock):
                          f"must be null or at least seq_len ({self.seq_len}) tokens")
 
 
-__all__ = ["HybridConfig", "PrepareDataConfig", "TeacherConfig", "TrackingConfig"]
+@dataclass
+class CacheTeacherAttnConfig(ParamsBlock):
+    """The teacher's hidden states entering each transfer block (../shared/design/lolcats.md §4)."""
+
+    BLOCK = "cache-teacher-attn"
+
+    # layers per transfer block: 1 = every layer trained on its own inputs (cheapest per step);
+    # the teacher's layer count = one block = upstream's joint 8B recipe (§2)
+    block_size: int = 1
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # storage; bf16 halves disk, as upstream trains
+    max_cache_gb: float = 4.0  # stop before writing a cache larger than this (GiB)
+
+    def __post_init__(self) -> None:
+        self.require(self.block_size >= 1, "block_size", "must be at least 1 layer")
+        self.require(self.max_cache_gb > 0, "max_cache_gb", "must be a positive size in GiB")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+@dataclass
+class TrainingConfig(ParamsBlock):
+    """Optimisation shared by attention-transfer and lora-recover (§2, §3): AdamW + plateau schedule."""
+
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    epochs: int = 2  # passes over the train chunks (paper: 2)
+    grad_accum: int = 8  # chunks per update (paper: micro-batch 1 x 8 = 8,192 tokens at seq_len 1024)
+    eval_every: int = 100  # updates between validation passes (paper: 100)
+    plateau_patience: int = 10  # evaluations without improvement before the lr drops (paper: 10)
+    plateau_factor: float = 0.1  # lr multiplier on a plateau (paper: 0.1)
+    min_lr: float = 1e-5  # the plateau schedule's floor (paper: 1e-5)
+    seed: int = 0  # data order; the same seed gives the same metrics on CPU
+
+    def __post_init__(self) -> None:
+        self.require(self.lr > 0, "lr", "must be positive")
+        self.require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        self.require(self.epochs >= 0, "epochs", "must be >= 0 (0 keeps the initial weights)")
+        self.require(self.grad_accum >= 1, "grad_accum", "must be at least 1 chunk")
+        self.require(self.eval_every >= 1, "eval_every", "must be at least 1 update")
+        self.require(self.plateau_patience >= 0, "plateau_patience", "must be >= 0")
+        self.require(0 < self.plateau_factor < 1, "plateau_factor", "must lie strictly between 0 and 1")
+        self.require(0 <= self.min_lr <= self.lr, "min_lr", f"must lie in [0, lr={self.lr}]")
+
+
+@dataclass
+class AttentionTransferConfig(TrainingConfig):
+    """Stage 1: train feature maps and window factors to match each layer's softmax output (§2)."""
+
+    BLOCK = "attention-transfer"
+
+    lr: float = 1e-2  # paper: 1e-2
+    mse_factor: float = 1000.0  # x MSE of per-head outputs before o_proj (paper: 1000)
+    xent_factor: float = 0.0  # x attention-weight cross-entropy; quadratic memory (8B paper: 0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require(self.mse_factor >= 0, "mse_factor", "must be >= 0")
+        self.require(self.xent_factor >= 0, "xent_factor", "must be >= 0")
+        self.require(self.mse_factor + self.xent_factor > 0, "mse_factor", "and xent_factor cannot both be 0")
+
+
+@dataclass
+class LoraRecoverConfig(TrainingConfig):
+    """Stage 2: LoRA on q/k/v/o with next-token loss on response tokens (§3)."""
+
+    BLOCK = "lora-recover"
+
+    lr: float = 1e-4  # paper: 1e-4 (the plateau floor stays 1e-5, as upstream)
+    rank: int = 8  # LoRA r (paper: 8)
+    alpha: int = 16  # LoRA alpha, scale alpha / r (paper: 16)
+    dropout: float = 0.0  # LoRA dropout (paper: 0)
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require(self.rank >= 1, "rank", "must be at least 1")
+        self.require(self.alpha > 0, "alpha", "must be positive")
+        self.require(0 <= self.dropout < 1, "dropout", "must lie in [0, 1)")
+        self.require(len(self.target_modules) > 0, "target_modules", "must name at least one projection")
+
+
+@dataclass
+class VariantConfig(ParamsBlock):
+    """One entry of the `variants` block: a trained model the evaluation compares (§5, Table 6)."""
+
+    BLOCK = "variants"
+
+    mode: Literal["hybrid", "window_only", "linear_only"] = "hybrid"  # overrides attention.mode
+    # false: the paper's no-transfer baseline, feature maps + window factors trained with LoRA instead
+    transfer: bool = True
+
+
+__all__ = ["AttentionTransferConfig", "CacheTeacherAttnConfig", "HybridConfig", "LoraRecoverConfig", "PrepareDataConfig",
+           "TeacherConfig", "TrackingConfig", "TrainingConfig", "VariantConfig"]

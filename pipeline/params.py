@@ -48,6 +48,16 @@ def build_block(cls: type[B], params: dict[str, Any]) -> B:
     return _build(cls, params.get(cls.BLOCK), cls.BLOCK)
 
 
+def build_entry(cls: type[B], params: dict[str, Any], name: str) -> B:
+    """Entry `name` of a block that maps names to `cls` items (e.g. `variants.lolcats`)."""
+    entries = params.get(cls.BLOCK) or {}
+    if name not in entries:
+        raise ConfigError(f"{cls.BLOCK}.{name}: no such entry; defined are {sorted(entries)}")
+    item = _build(cls, entries[name], f"{cls.BLOCK}.{name}")
+    item.BLOCK = f"{cls.BLOCK}.{name}"  # so its own checks name the entry
+    return item
+
+
 def _build(cls, raw: Any, key: str):
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):

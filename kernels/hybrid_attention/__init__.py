@@ -5,7 +5,7 @@
 """
 from typing import Callable
 
-from .naive import hybrid_attention_naive
+from .naive import hybrid_attention_naive, hybrid_attention_weights
 from .parallel import hybrid_attention_parallel
 from .recurrent import HybridState, hybrid_attention_recurrent, hybrid_attention_step, prefill_state
 from .windows import WINDOW_KINDS, window_kind
@@ -21,6 +21,6 @@ def hybrid_attention(q, k, v, fq, fk, gamma, window_size: int, window: str = "sl
     return BACKENDS[backend](q, k, v, fq, fk, gamma, window_size, window, scale)
 
 
-__all__ = ["BACKENDS", "HybridState", "WINDOW_KINDS", "hybrid_attention", "hybrid_attention_naive",
+__all__ = ["BACKENDS", "HybridState", "WINDOW_KINDS", "hybrid_attention", "hybrid_attention_naive", "hybrid_attention_weights",
            "hybrid_attention_parallel", "hybrid_attention_recurrent", "hybrid_attention_step",
            "prefill_state", "window_kind"]

@@ -41,38 +41,47 @@ def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.repeat_interleave(num_heads // x.shape[1], dim=1)
 
 
-def hybrid_attention_naive(
+def hybrid_attention_weights(
     q: torch.Tensor,  # [B,H,T,D]
     k: torch.Tensor,  # [B,Hkv,T,D]
-    v: torch.Tensor,  # [B,Hkv,T,D]
     fq: torch.Tensor | None,  # [B,H,T,F] feature-mapped queries
     fk: torch.Tensor | None,  # [B,H,T,F] feature-mapped (GQA-repeated) keys
     gamma: torch.Tensor | None,  # [H] window weight sigmoid(w_h); None means 1
     window_size: int,
     window: str = "sliding",
     scale: float | None = None,
-) -> torch.Tensor:  # [B,H,T,D] in q's dtype
-    check_inputs(q, k, v, fq, fk, gamma, window_size)
+) -> torch.Tensor:  # [B,H,T,T] fp32: each row sums to 1 over the keys j <= i
+    """The full matrix of hybrid attention weights (A + B) / (sum A + sum B)."""
     B, H, T, D = q.shape
     scale = D**-0.5 if scale is None else scale
-    q32, k32, v32 = q.float(), repeat_kv(k, H).float(), repeat_kv(v, H).float()
     i = torch.arange(T, device=q.device)[:, None]
     j = torch.arange(T, device=q.device)[None, :]
     causal = j <= i  # [T,T]
     in_window = causal & window_kind(window).contains(i, j, window_size) if window_size > 0 else torch.zeros_like(causal)
 
-    num = torch.zeros_like(q32)
-    den = torch.zeros(B, H, T, 1, device=q.device)
+    weights = torch.zeros(B, H, T, T, device=q.device)
     if window_size > 0:
-        s = scale * q32 @ k32.transpose(-1, -2)  # [B,H,T,T]
+        s = scale * q.float() @ repeat_kv(k, H).float().transpose(-1, -2)  # [B,H,T,T]
         s = s.masked_fill(~in_window, float("-inf"))
         m = s.amax(dim=-1, keepdim=True)  # [B,H,T,1]
         g = torch.ones(H, device=q.device) if gamma is None else gamma.float()
-        a = g[:, None, None] * torch.exp(s - m)  # [B,H,T,T], zero outside the window
-        num = num + a @ v32
-        den = den + a.sum(-1, keepdim=True)
+        weights = weights + g[:, None, None] * torch.exp(s - m)  # zero outside the window
     if fq is not None:
-        b = (fq.float() @ fk.float().transpose(-1, -2)) * (causal & ~in_window)  # [B,H,T,T]
-        num = num + b @ v32
-        den = den + b.sum(-1, keepdim=True)
-    return (num / den).to(q.dtype)
+        weights = weights + (fq.float() @ fk.float().transpose(-1, -2)) * (causal & ~in_window)
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def hybrid_attention_naive(
+    q: torch.Tensor,  # [B,H,T,D]
+    k: torch.Tensor,  # [B,Hkv,T,D]
+    v: torch.Tensor,  # [B,Hkv,T,D]
+    fq: torch.Tensor | None,  # [B,H,T,F]
+    fk: torch.Tensor | None,  # [B,H,T,F]
+    gamma: torch.Tensor | None,  # [H]
+    window_size: int,
+    window: str = "sliding",
+    scale: float | None = None,
+) -> torch.Tensor:  # [B,H,T,D] in q's dtype
+    check_inputs(q, k, v, fq, fk, gamma, window_size)
+    weights = hybrid_attention_weights(q, k, fq, fk, gamma, window_size, window, scale)
+    return (weights @ repeat_kv(v, q.shape[1]).float()).to(q.dtype)

@@ -5,10 +5,13 @@ of every decoder layer and registers `hybrid_attention_forward` with transformer
 `AttentionInterface`; the model's own attention then hands over post-RoPE q [B,H,T,D] and
 un-repeated k, v [B,Hkv,T,D], and gets [B,T,H,D] back, like any attention implementation.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from kernels.hybrid_attention import BACKENDS, hybrid_attention
+from kernels.hybrid_attention import BACKENDS, hybrid_attention, hybrid_attention_weights
 
 from .config import HybridConfig
 from .feature_maps import FEATURE_MAPS
@@ -21,6 +24,14 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     if requested not in BACKENDS:
         raise ValueError(f"attention.backend: {requested!r} is not available here; available: {sorted(BACKENDS)}")
     return requested
+
+
+@dataclass
+class TransferLosses:
+    """What one forward in attention-transfer mode leaves behind (../shared/design/lolcats.md §2)."""
+    with_xent: bool  # also compute the attention-weight cross-entropy (quadratic memory)
+    mse: torch.Tensor | None = None
+    xent: torch.Tensor | None = None
 
 
 class HybridAttention(nn.Module):
@@ -36,6 +47,7 @@ class HybridAttention(nn.Module):
             self.feature_map_k = feature_map(num_heads, head_dim, config.feature_dim, config.feature_init)
         if config.uses_window and config.uses_linear:  # gamma cancels out of a window-only softmax
             self.window_factors = nn.Parameter(torch.full((num_heads,), config.init_window_factor))
+        self.transfer: TransferLosses | None = None  # set by pipeline.transfer while training
 
     def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """phi_q(q), phi_k(repeat_kv(k)): [B,H,T,F] each, or None when the linear branch is off."""
@@ -48,11 +60,36 @@ class HybridAttention(nn.Module):
         return torch.sigmoid(self.window_factors.float()) if hasattr(self, "window_factors") else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """q [B,H,T,D], k, v [B,Hkv,T,D] -> y [B,H,T,D]."""
+        """q [B,H,T,D], k, v [B,Hkv,T,D] -> y [B,H,T,D].
+
+        In attention-transfer mode (`transfer is not None`) the teacher's softmax output is returned
+        instead, so later layers see exactly the teacher's hidden states, and the losses of §2 are
+        left in `self.transfer`.
+        """
         fq, fk = self.features(q, k)
         backend = resolve_backend(self.config.backend, q.device)
-        return hybrid_attention(q, k, v, fq, fk, self.gamma(), self.config.effective_window_size,
-                                self.config.window, scale, backend)
+        gamma = self.gamma()
+        y = hybrid_attention(q, k, v, fq, fk, gamma, self.config.effective_window_size,
+                             self.config.window, scale, backend)
+        if self.transfer is None:
+            return y
+        with torch.no_grad():
+            teacher = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
+                                                     scale=scale, enable_gqa=True)  # [B,H,T,D]
+        self.transfer.mse = F.mse_loss(y.float(), teacher)  # per-head outputs before o_proj
+        if self.transfer.with_xent:
+            self.transfer.xent = self._attention_xent(q, k, fq, fk, gamma, scale)
+        return teacher.to(q.dtype)
+
+    def _attention_xent(self, q, k, fq, fk, gamma, scale) -> torch.Tensor:
+        """Mean over queries of -sum_j a_teacher,ij log a_student,ij (quadratic in T: 1K tokens, not 32K)."""
+        with torch.no_grad():
+            scores = scale * q.float() @ k.float().repeat_interleave(self.num_heads // k.shape[1], 1).transpose(-1, -2)
+            causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+            teacher = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # [B,H,T,T]
+        student = hybrid_attention_weights(q, k, fq, fk, gamma, self.config.effective_window_size,
+                                           self.config.window, scale)
+        return -(teacher * student.clamp(min=1e-12).log()).sum(-1).mean()
 
 
 def _check_padding(attention_mask: torch.Tensor | None) -> None:
