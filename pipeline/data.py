@@ -13,8 +13,6 @@ tokenizing once they are full. Shapes: every saved row is T = seq_len tokens.
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,16 +140,3 @@ def prepare_alpaca(rows: Iterable[Row], tokenizer, cfg: PrepareDataConfig) -> Pr
     log.info("prepared %s", metrics)
     return PreparedData(DatasetDict(train=train.dataset(), validation=val.dataset()), metrics)
 
-
-def save_dataset(dataset: DatasetDict, out: str | Path) -> None:
-    """`save_to_disk` into a temp folder beside `out`, then swap it in place of any stale `out`."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
-        dataset.save_to_disk(str(tmp))
-        tmp.chmod(0o755)  # mkdtemp made it private; the out is ordinary data
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

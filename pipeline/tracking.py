@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrackingConfig
+from .io import atomic_write
 from .params import PARAMS_FILE, ParamsBlock, read_params
 
 log = logging.getLogger(__name__)
@@ -88,19 +88,11 @@ class StageRun:
                if not _METRIC_KEY.fullmatch(k) or isinstance(v, bool) or not isinstance(v, (int, float))]
         if bad:
             raise ValueError(f"metrics must map snake_case names to numbers; bad entries: {bad}")
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(dict(metrics), f, indent=2)
-                f.write("\n")
-            os.chmod(tmp, 0o644)  # mkstemp made it private; the metrics file is ordinary data
-            self.log_step_metrics(metrics, step=0)
-            os.replace(tmp, path)  # only once MLflow has the same values
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        def write_then_log(tmp: str) -> None:
+            Path(tmp).write_text(json.dumps(dict(metrics), indent=2) + "\n")
+            self.log_step_metrics(metrics, step=0)  # before the rename: no JSON without MLflow
+
+        atomic_write(json_path, write_then_log)
 
     def log_step_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         import mlflow

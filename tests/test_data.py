@@ -2,11 +2,10 @@
 import json
 
 import pytest
-from datasets import load_from_disk
 
 from pipeline.config import PrepareDataConfig
 from pipeline.data import (IGNORE, PROMPT_NO_INPUT, PROMPT_WITH_INPUT, format_prompt, prepare_alpaca,
-                           read_alpaca_rows, save_dataset, tokenize_row)
+                           read_alpaca_rows, tokenize_row)
 from pipeline.params import ConfigError
 from pipeline.teacher import load_tokenizer
 
@@ -128,16 +127,3 @@ def test_local_jsonl_source_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="bad.jsonl:1: expected string fields"):
         list(read_alpaca_rows(str(tmp_path / "bad.jsonl")))
 
-
-def test_save_replaces_a_stale_out_and_leaves_no_temp(tmp_path, tokenizer):
-    out = tmp_path / "data" / "prepared"
-    out.mkdir(parents=True)
-    (out / "stale.txt").write_text("old")
-    cfg = PrepareDataConfig(seq_len=SEQ, val_rows=2, max_train_tokens=None, max_val_tokens=None)
-    save_dataset(prepare_alpaca(iter(make_rows(10)), tokenizer, cfg).dataset, out)
-    assert not (out / "stale.txt").exists()
-    assert [p.name for p in out.parent.iterdir()] == ["prepared"]
-    loaded = load_from_disk(str(out))
-    assert set(loaded) == {"train", "validation"}
-    assert loaded["train"].column_names == ["input_ids", "labels"]
-    assert {len(x) for x in loaded["train"]["input_ids"]} == {SEQ}
