@@ -1,0 +1,29 @@
+"""What every `stages/<name>.py` shares: reading its params blocks and running its `main()`.
+
+`run_stage` sets up logging and turns a `ConfigError` (a bad params value, raised before any model or
+data loads) into one line `error: <dotted key>: ...` on stderr and exit code 2, without a traceback.
+"""
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .params import PARAMS_FILE, ConfigError, ParamsBlock, build_block, read_params
+
+EXIT_CONFIG = 2  # the usual exit code of a command-line usage error
+
+
+def load_blocks(*classes: type[ParamsBlock], path: str | Path = PARAMS_FILE) -> tuple[Any, ...]:
+    """The checked dataclass of each named block of params.yaml, in the order asked."""
+    params = read_params(path)
+    return tuple(build_block(cls, params) for cls in classes)
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        main()
+    except ConfigError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(EXIT_CONFIG)
