@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 from .config import CacheTeacherAttnConfig
 from .io import atomic_write, atomic_write_json
 from .params import ConfigError
+from .perplexity import response_nll
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,8 @@ def write_teacher_states(model: PreTrainedModel, data: DatasetDict, cfg: CacheTe
                     break
                 out = model(ids[i:i + 1], output_hidden_states=need_states)
                 if split == "validation":  # the teacher's perplexity, reported beside the students'
-                    loss, n = _response_nll(out.logits, torch.tensor(rows["labels"][i:i + 1]))
-                    val_loss, val_tokens = val_loss + loss, val_tokens + n
+                    loss, n = response_nll(out.logits, torch.tensor(rows["labels"][i:i + 1]))
+                    val_loss, val_tokens = val_loss + loss.item(), val_tokens + n
                 if need_states:
                     for b, block in enumerate(blocks):  # hidden_states[l] enters layer l
                         states[f"block_{b}"].append(out.hidden_states[block.start].to(cfg.torch_dtype))
@@ -125,14 +126,6 @@ def write_teacher_states(model: PreTrainedModel, data: DatasetDict, cfg: CacheTe
         "teacher_val_loss": val_loss / val_tokens, "teacher_val_ppl": float(torch.tensor(val_loss / val_tokens).exp()),
         "wall_time_s": time.perf_counter() - start,
     }
-
-
-def _response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood over labelled tokens, and their count."""
-    targets = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                            ignore_index=-100, reduction="sum")
-    return nll.item(), int((targets != -100).sum())
 
 
 def _start_or_resume(folder: Path, progress: dict) -> None:

@@ -1,0 +1,148 @@
+"""The optimisation loop both training stages share (../shared/design/lolcats.md §2, §3).
+
+AdamW; one update per `grad_accum` chunks; a validation pass every `eval_every` updates (and before
+the first one) steps ReduceLROnPlateau and keeps the best weights, which are restored at the end
+("early stopping" is best-checkpoint selection, as upstream). Robustness is part of the loop:
+  * a checkpoint (trainable tensors, optimizer, schedule, position, best weights, history) is written
+    atomically after every validation pass; a restarted run continues from it and, since the data
+    order is a function of (seed, epoch) alone, reaches the same weights as an uninterrupted run;
+  * a non-finite loss part or gradient stops training with a `NonFiniteError` naming it and the update.
+"""
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .config import TrainingConfig
+from .io import atomic_write
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[int], Mapping[str, torch.Tensor]]  # train item -> {"loss": total, part: value, ...}
+EvalFn = Callable[[], Mapping[str, float]]  # -> {"loss": validation loss, part: value, ...}
+LogFn = Callable[[Mapping[str, float], int], None]  # (step metrics, update)
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN or Inf; the message names the loss part or parameter and the update."""
+
+
+@dataclass
+class FitResult:
+    initial: dict[str, float]  # validation metrics before any update
+    best: dict[str, float]  # validation metrics of the restored (best) weights
+    updates: int
+    items_seen: int  # train items (chunks) consumed
+    wall_time_s: float
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per validation pass
+    train_curve: list[dict[str, float]] = field(default_factory=list)  # one row per update
+
+    def curve_rows(self) -> list[dict[str, float | None]]:
+        """Train loss at each update and validation loss where there was a pass (update 0: before any)."""
+        val = {row["update"]: row["loss"] for row in self.history}
+        train = {row["update"]: row["loss"] for row in self.train_curve}
+        return [{"update": u, "train_loss": train.get(u), "val_loss": val.get(u)} for u in sorted(set(val) | set(train))]
+
+
+def fit(named_params: Mapping[str, torch.nn.Parameter], loss_fn: LossFn, train_items: Sequence[int],
+        evaluate: EvalFn, cfg: TrainingConfig, checkpoint: Path, name: str, log_metrics: LogFn) -> FitResult:
+    """Train `named_params` in place; `name` (e.g. "layer 3") prefixes progress and error messages."""
+    params = list(named_params.values())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr)
+    updates_per_epoch = math.ceil(len(train_items) / cfg.grad_accum)
+    total_updates = updates_per_epoch * cfg.epochs
+    state = _load(checkpoint)
+    if state is None:
+        initial = dict(evaluate())
+        state = {"update": 0, "items_seen": 0, "elapsed": 0.0, "initial": initial, "best": initial,
+                 "best_params": _snapshot(named_params), "history": [dict(initial, update=0)], "train_curve": []}
+        log_metrics({f"val_{k}": v for k, v in initial.items()}, 0)
+    else:
+        log.info("%s: resuming at update %d of %d", name, state["update"], total_updates)
+        with torch.no_grad():
+            for key, p in named_params.items():
+                p.copy_(state["params"][key])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+
+    start = time.perf_counter() - state["elapsed"]
+    progress = tqdm(total=total_updates, initial=state["update"], desc=name, unit="update", leave=False)
+    while state["update"] < total_updates:
+        update = state["update"]
+        epoch, step = divmod(update, updates_per_epoch)
+        order = _epoch_order(len(train_items), cfg.seed, epoch)
+        batch = [train_items[i] for i in order[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
+        totals: dict[str, float] = {}
+        for item in batch:
+            parts = loss_fn(item)
+            for part, value in parts.items():
+                if not torch.isfinite(value):
+                    raise NonFiniteError(f"{name}: non-finite {part} ({value.item()}) at update {update + 1}")
+                totals[part] = totals.get(part, 0.0) + value.item() / len(batch)
+            (parts["loss"] / len(batch)).backward()
+        for key, p in named_params.items():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                raise NonFiniteError(f"{name}: non-finite gradient of {key} at update {update + 1}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["update"], state["items_seen"] = update + 1, state["items_seen"] + len(batch)
+        state["train_curve"].append(dict(totals, update=state["update"]))
+        log_metrics(dict({f"train_{k}": v for k, v in totals.items()}, lr=optimizer.param_groups[0]["lr"]),
+                    state["update"])
+        progress.update()
+        if state["update"] % cfg.eval_every == 0 or state["update"] == total_updates:
+            metrics = dict(evaluate())
+            schedule.step(metrics["loss"])
+            state["history"].append(dict(metrics, update=state["update"]))
+            log_metrics({f"val_{k}": v for k, v in metrics.items()}, state["update"])
+            if metrics["loss"] < state["best"]["loss"]:
+                state["best"], state["best_params"] = metrics, _snapshot(named_params)
+            state["elapsed"] = time.perf_counter() - start
+            _save(checkpoint, state, named_params, optimizer, schedule)
+    progress.close()
+    with torch.no_grad():  # restore the best validation weights
+        for key, p in named_params.items():
+            p.copy_(state["best_params"][key])
+    return FitResult(state["initial"], state["best"], state["update"], state["items_seen"],
+                     time.perf_counter() - start, state["history"], state["train_curve"])
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A shuffle that depends on (seed, epoch) only, so a resumed run sees the same order."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def _snapshot(named_params: Mapping[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {key: p.detach().clone() for key, p in named_params.items()}
+
+
+def _save(path: Path, state: dict, named_params, optimizer, schedule) -> None:
+    payload = dict(state, params=_snapshot(named_params), optimizer=optimizer.state_dict(),
+                   schedule=schedule.state_dict())
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _load(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    return torch.load(path, weights_only=True)
+
+
+CHECKPOINT_ROOT = Path(".cache/checkpoints")
+
+
+def checkpoint_dir(stage: str, name: str, identity: Mapping) -> Path:
+    """Where a stage keeps resumable checkpoints: keyed by everything that shapes the result, so
+    a changed param never resumes a stale run. The stage deletes it once its outs are written."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return CHECKPOINT_ROOT / stage / f"{name}-{digest}"

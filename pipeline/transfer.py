@@ -1,0 +1,138 @@
+"""Attention transfer (../shared/design/lolcats.md §2, §4): each block trained from cached teacher states.
+
+Every block of consecutive layers is an independent problem: its inputs are the teacher's hidden
+states entering it (`teacher_states.py`), inside it each hybrid layer returns the teacher's attention
+output so the next layer sees teacher states, and the loss is mse_factor x the mean over the
+block's layers of the per-head output MSE (+ xent_factor x attention cross-entropy). Only feature
+maps and window factors train. `train_block` is a function of (block, cache, params) so blocks can
+later run on several devices at once; here they run one after another.
+"""
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from .config import AttentionTransferConfig
+from .hybrid.attention import TransferLosses
+from .training import FitResult, LogFn, fit
+from .teacher_states import TeacherStates
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockResult:
+    block: int
+    layers: list[int]
+    fit: FitResult
+    mse_before: dict[int, float]  # validation MSE per layer before and after transfer
+    mse_after: dict[int, float]
+
+
+@contextlib.contextmanager
+def transfer_mode(model: PreTrainedModel, layers: range, with_xent: bool) -> Iterator[list[TransferLosses]]:
+    """Switch the hybrid modules of `layers` into transfer mode; yields their loss holders."""
+    modules = [model.model.layers[i].self_attn.hybrid for i in layers]
+    holders = [TransferLosses(with_xent=with_xent) for _ in modules]
+    for module, holder in zip(modules, holders):
+        module.transfer = holder
+    try:
+        yield holders
+    finally:
+        for module in modules:
+            module.transfer = None
+
+
+def block_forward(model: PreTrainedModel, layers: range, hidden: torch.Tensor) -> None:
+    """Run the block on its input states [B,T,hidden]; losses land in the transfer holders.
+
+    Layers before the last run whole (their hybrid returns the teacher output, so the residual stream
+    stays the teacher's); the last runs only its norm and attention: its MLP feeds no loss.
+    """
+    positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+    position_embeddings = model.model.rotary_emb(hidden, position_ids=positions)
+    for i in layers:
+        layer = model.model.layers[i]
+        if i == layers[-1]:
+            layer.self_attn(hidden_states=layer.input_layernorm(hidden),
+                            position_embeddings=position_embeddings, attention_mask=None)
+        else:
+            hidden = layer(hidden, position_embeddings=position_embeddings, attention_mask=None)
+
+
+def train_block(block: int, states: TeacherStates, model: PreTrainedModel, cfg: AttentionTransferConfig,
+                checkpoint: Path, log_metrics: LogFn) -> BlockResult:
+    """Transfer one block of `model` (already linearized) from the cached states."""
+    layers = states.blocks[block]
+    dtype = next(model.parameters()).dtype
+    named_params = {n: p for n, p in model.named_parameters()
+                    if p.requires_grad and any(f"layers.{i}.self_attn.hybrid." in n for i in layers)}
+
+    with transfer_mode(model, layers, with_xent=cfg.xent_factor > 0) as holders:
+        def losses(split: str, index: int) -> dict[str, torch.Tensor]:
+            block_forward(model, layers, states.read(block, split, index).to(dtype))
+            parts = {f"mse_layer_{i}": h.mse for i, h in zip(layers, holders)}
+            mse = torch.stack([h.mse for h in holders]).mean()
+            total = cfg.mse_factor * mse
+            if cfg.xent_factor > 0:
+                total = total + cfg.xent_factor * torch.stack([h.xent for h in holders]).mean()
+            return dict(parts, loss=total)
+
+        @torch.no_grad()
+        def evaluate() -> dict[str, float]:
+            n = states.num_chunks("validation")
+            sums: dict[str, float] = {}
+            for index in range(n):
+                for key, value in losses("validation", index).items():
+                    sums[key] = sums.get(key, 0.0) + value.item() / n
+            return sums
+
+        result = fit(named_params, lambda index: losses("train", index), range(states.num_chunks("train")),
+                     evaluate, cfg, checkpoint, f"block {block} (layers {layers.start}-{layers.stop - 1})",
+                     log_metrics)
+    return BlockResult(block, list(layers), result,
+                       mse_before={i: result.initial[f"mse_layer_{i}"] for i in layers},
+                       mse_after={i: result.best[f"mse_layer_{i}"] for i in layers})
+
+
+@dataclass
+class TransferOutcome:
+    blocks: list[BlockResult]
+
+    def per_layer_rows(self) -> list[dict[str, float]]:
+        """Validation MSE per layer before and after (a dvc plot and a report table)."""
+        return [{"layer": i, "mse_before": b.mse_before[i], "mse_after": b.mse_after[i]}
+                for b in self.blocks for i in b.layers]
+
+    def curve_rows(self) -> list[dict[str, float]]:
+        """Train loss of each block at each update, validation loss where there was a pass."""
+        return [dict(row, block=b.block) for b in self.blocks for row in b.fit.curve_rows()]
+
+    def metrics(self) -> dict[str, float]:
+        rows = self.per_layer_rows()
+        ratios = sorted(r["mse_after"] / r["mse_before"] for r in rows)
+        return {
+            "val_mse_before_mean": sum(r["mse_before"] for r in rows) / len(rows),
+            "val_mse_after_mean": sum(r["mse_after"] for r in rows) / len(rows),
+            "val_mse_ratio_median": ratios[len(ratios) // 2],
+            "updates_per_block": max(b.fit.updates for b in self.blocks),
+            "train_chunks_per_block": max(b.fit.items_seen for b in self.blocks),
+            "wall_time_s": sum(b.fit.wall_time_s for b in self.blocks),
+        }
+
+
+def transfer_all_blocks(model: PreTrainedModel, states: TeacherStates, cfg: AttentionTransferConfig,
+                        checkpoints: Path, log_metrics: LogFn) -> TransferOutcome:
+    """Train every block in order (each resumes from its own checkpoint under `checkpoints`)."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    results = []
+    for block in range(len(states.blocks)):
+        def block_metrics(metrics, step, block=block):
+            log_metrics({f"block_{block:02d}_{k}": v for k, v in metrics.items()}, step)
+        results.append(train_block(block, states, model, cfg, checkpoints / f"block_{block:03d}.pt", block_metrics))
+        log.info("block %d: val MSE %s -> %s", block, results[-1].mse_before, results[-1].mse_after)
+    return TransferOutcome(results)

@@ -1,0 +1,31 @@
+"""DVC stage `cache-teacher-attn`: the teacher's hidden states entering each transfer block.
+
+../shared/design/lolcats.md §4. Usage: python -m stages.cache_teacher_attn DATA_DIR OUT_DIR METRICS_JSON
+"""
+import argparse
+
+from datasets import load_from_disk
+
+from pipeline import tracking
+from pipeline.config import CacheTeacherAttnConfig, TeacherConfig, TrackingConfig
+from pipeline.stage import load_blocks, run_stage
+from pipeline.teacher import load_teacher
+from pipeline.teacher_states import write_teacher_states
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("data", help="prepare-data's DatasetDict")
+    parser.add_argument("out", help="folder for the state shards")
+    parser.add_argument("metrics", help="DVC metrics JSON")
+    args = parser.parse_args()
+    teacher, cfg, track = load_blocks(TeacherConfig, CacheTeacherAttnConfig, TrackingConfig)
+
+    with tracking.stage_run("cache-teacher-attn", [teacher, cfg], track) as run:
+        model = load_teacher(teacher.source, teacher.torch_dtype)
+        metrics = write_teacher_states(model, load_from_disk(args.data), cfg, args.out)
+        run.log_metrics(metrics, args.metrics)
+
+
+if __name__ == "__main__":
+    run_stage(main)

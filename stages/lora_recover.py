@@ -1,0 +1,55 @@
+"""DVC stage `lora-recover@VARIANT`: LoRA on q/k/v/o over the transferred model (../shared/design/lolcats.md §3).
+
+For a variant with `transfer: false` the feature maps and window factors train here too (§4 baseline).
+Usage: python -m stages.lora_recover VARIANT DATA_DIR TRANSFER_DIR OUT_DIR METRICS_JSON PLOTS_DIR
+"""
+import argparse
+import shutil
+from pathlib import Path
+
+from datasets import load_from_disk
+
+from pipeline import tracking
+from pipeline.config import LoraRecoverConfig, TeacherConfig, TrackingConfig, VariantConfig
+from pipeline.hybrid import load_linearized
+from pipeline.hybrid.convert import WEIGHTS_FILE
+from pipeline.io import atomic_write_csv, file_digest
+from pipeline.lora import add_lora, recover, save_student
+from pipeline.params import build_block, build_entry, read_params
+from pipeline.stage import run_stage
+from pipeline.training import checkpoint_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    for name in ("variant", "data", "transfer", "out", "metrics", "plots"):
+        parser.add_argument(name)
+    args = parser.parse_args()
+    params = read_params()
+    teacher, cfg, track = (build_block(c, params) for c in (TeacherConfig, LoraRecoverConfig, TrackingConfig))
+    variant = build_entry(VariantConfig, params, args.variant)
+
+    with tracking.stage_run(f"lora-recover@{args.variant}", [teacher, cfg, variant], track) as run:
+        data = load_from_disk(args.data)
+        model = add_lora(load_linearized(args.transfer, teacher.source, teacher.torch_dtype), cfg,
+                         train_feature_maps=not variant.transfer)
+        checkpoints = checkpoint_dir("lora-recover", args.variant, {
+            "blocks": [teacher.to_dict(), cfg.to_dict(), variant.to_dict()],
+            "transfer": file_digest(Path(args.transfer) / WEIGHTS_FILE)})
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        result = recover(model, data, cfg, checkpoints / "lora.pt", run.log_step_metrics)
+
+        save_student(model, args.out, teacher.source)
+        atomic_write_csv(Path(args.plots) / "loss.csv", result.curve_rows())
+        seq_len = len(data["train"][0]["input_ids"])
+        run.log_metrics({
+            "val_loss_start": result.initial["loss"], "val_ppl_start": result.initial["ppl"],
+            "val_loss": result.best["loss"], "val_ppl": result.best["ppl"], "updates": result.updates,
+            "train_tokens": result.items_seen * seq_len, "wall_time_s": result.wall_time_s,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        }, args.metrics)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    run_stage(main)
