@@ -1,0 +1,123 @@
+"""dvc.yaml tells the truth (style rules 2, 3): names, params, deps agree with the code."""
+import ast
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import config
+from pipeline.params import ParamsBlock
+from tests.conftest import REPO
+
+# Besides its own block (read whole), the keys each stage reads from shared blocks. `tracking` is
+# read by every stage but only says where runs are recorded, so dvc.yaml lists it nowhere.
+SHARED_READS = {
+    "prepare-data": {"teacher": ["source"]},
+}
+RECORD_ONLY = {"tracking"}
+# pipeline modules that check params, record runs or write files atomically; they never decide
+# what a stage computes, so they are not deps (an edit there reruns nothing)
+BOOKKEEPING = {"pipeline/__init__.py", "pipeline/config.py", "pipeline/params.py", "pipeline/stage.py",
+               "pipeline/tracking.py", "pipeline/io.py"}
+
+STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+CLASSES = {cls.BLOCK: cls for cls in (getattr(config, n) for n in config.__all__)
+           if issubclass(cls, ParamsBlock) and hasattr(cls, "BLOCK")}
+
+
+def script(stage: str) -> Path:
+    return REPO / "stages" / f"{stage.replace('-', '_')}.py"
+
+
+def expected_params(stage: str) -> set[str]:
+    own = {f"{stage}.{f.name}" for f in dataclasses.fields(CLASSES[stage])} if stage in CLASSES else set()
+    shared = set()
+    for block, keys in SHARED_READS[stage].items():
+        fields = {f.name for f in dataclasses.fields(CLASSES[block])}
+        assert set(keys) <= fields, f"SHARED_READS names fields {block} does not have"
+        shared |= {f"{block}.{key}" for key in keys}
+    return own | shared
+
+
+def listed_params(entries: list) -> set[str]:
+    """dvc.yaml `params` entries as dotted keys; a bare block name stands for all of its fields."""
+    keys = set()
+    for entry in entries:
+        assert isinstance(entry, str), "params come from params.yaml, listed by key"
+        if "." in entry:
+            keys.add(entry)
+        else:
+            keys |= {f"{entry}.{f.name}" for f in dataclasses.fields(CLASSES[entry])}
+    return keys
+
+
+def pipeline_modules(path: Path, seen: set[str]) -> set[str]:
+    """Repo-relative paths of the pipeline modules `path` imports, followed through non-bookkeeping ones."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = path.parent if node.level else REPO
+            for _ in range(max(node.level - 1, 0)):
+                base = base.parent
+            package = base.joinpath(*node.module.split(".")) if node.module else base
+            targets = [package] + [package / alias.name for alias in node.names]  # names may be modules
+        elif isinstance(node, ast.Import):
+            targets = [REPO.joinpath(*a.name.split(".")) for a in node.names]
+        else:
+            continue
+        for target in targets:
+            module = target.with_suffix(".py") if target.with_suffix(".py").is_file() else target / "__init__.py"
+            rel = module.relative_to(REPO).as_posix() if module.is_relative_to(REPO) else ""
+            if rel.startswith("pipeline/") and module.is_file() and rel not in seen:
+                seen.add(rel)
+                found.add(rel)
+                if rel not in BOOKKEEPING:
+                    found |= pipeline_modules(module, seen)
+    return found
+
+
+def test_every_stage_is_known_here():
+    assert set(STAGES) == set(SHARED_READS), "add the stage's shared reads to SHARED_READS"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_params_are_exactly_what_the_stage_reads(stage):
+    assert listed_params(STAGES[stage].get("params", [])) == expected_params(stage)
+    assert not {k.split(".")[0] for k in listed_params(STAGES[stage].get("params", []))} & RECORD_ONLY
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_one_name_everywhere(stage):
+    """Stage, script, `python -m` module, params block and MLflow run name all match."""
+    module = f"stages.{stage.replace('-', '_')}"
+    assert STAGES[stage]["cmd"].startswith(f"python -m {module} ")
+    tree = ast.parse(script(stage).read_text())
+    run_names = [node.args[0].value for node in ast.walk(tree) if isinstance(node, ast.Call)
+                 and getattr(node.func, "attr", None) == "stage_run"]
+    assert run_names == [stage]
+    built = [arg.id for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and getattr(node.func, "id", None) == "load_blocks" for arg in node.args]
+    blocks = {getattr(config, name).BLOCK for name in built}
+    assert blocks == ({stage} & set(CLASSES)) | set(SHARED_READS[stage]) | RECORD_ONLY
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_deps_cover_the_script_and_the_modules_it_computes_with(stage):
+    deps = STAGES[stage]["deps"]
+    assert script(stage).relative_to(REPO).as_posix() in deps
+    computing = pipeline_modules(script(stage), set()) - BOOKKEEPING
+    uncovered = [m for m in computing if not any(m == d or m.startswith(d.rstrip("/") + "/") for d in deps)]
+    assert not uncovered, f"{stage} computes with {uncovered} but does not list them under deps"
+    assert all((REPO / d).exists() for d in deps)
+
+
+def test_dvc_dag_accepts_the_pipeline():
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    done = subprocess.run([sys.executable, "-m", "dvc", "dag"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert all(stage in done.stdout for stage in STAGES)

@@ -1,0 +1,48 @@
+"""`python -m stages.prepare_data` end to end on a small slice, with the MLflow store in tmp_path."""
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+from datasets import load_from_disk
+
+from pipeline import tracking
+from pipeline.config import TrackingConfig
+from tests.conftest import REPO
+from tests.test_data import make_rows, write_jsonl
+
+
+def test_prepare_data_stage_writes_dataset_metrics_and_runs(tmp_path, stories_path):
+    write_jsonl(tmp_path / "rows.jsonl", make_rows(60))
+    params = {
+        "teacher": {"source": str(stories_path)},
+        "tracking": {"experiment": "e2e", "tracking_uri": "sqlite:///mlflow.db"},
+        "prepare-data": {"source": "rows.jsonl", "seq_len": 32, "val_rows": 5,
+                         "max_train_tokens": 4 * 32, "max_val_tokens": 100},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.prepare_data", "data/prepared", "metrics/prepare_data.json"],
+        cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    prepared = load_from_disk(str(tmp_path / "data" / "prepared"))
+    assert (len(prepared["train"]), len(prepared["validation"])) == (4, 3)  # 128 / 32, floor(100 / 32)
+    assert {len(ids) for ids in prepared["train"]["input_ids"]} == {32}
+    metrics = json.loads((tmp_path / "metrics" / "prepare_data.json").read_text())
+    assert metrics["train_tokens"] == 128 and metrics["val_chunks"] == 3 and metrics["val_rows"] <= 5
+
+    cfg = TrackingConfig(experiment="e2e", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = tracking.mlflow_client(cfg)
+    experiment = client.get_experiment_by_name("e2e")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"prepare-data", "pipeline-workspace"}
+    stage = runs["prepare-data"]
+    assert stage.info.status == "FINISHED"
+    assert runs["pipeline-workspace"].info.status == "RUNNING"  # a later stage closes the pipeline
+    assert stage.data.params["prepare-data.seq_len"] == "32"
+    assert stage.data.params["teacher.source"] == str(stories_path)
+    assert stage.data.metrics == metrics
+    assert (tmp_path / tracking.ARTIFACT_DIR).is_dir()  # artifacts beside the store
