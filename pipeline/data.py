@@ -17,13 +17,17 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset
+from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset, load_from_disk
 from tqdm import tqdm
 
 from .config import PrepareDataConfig
+from .io import atomic_dir
 from .params import ConfigError
 
 log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation")
+COLUMNS = ("input_ids", "labels")
 
 IGNORE = -100  # label of a token the loss skips (torch cross_entropy's ignore_index)
 
@@ -101,7 +105,7 @@ class Packer:
                 self.labels.append(chunk_labels)
 
     def dataset(self) -> Dataset:
-        features = Features({name: List(Value("int32"), length=self.seq_len) for name in ("input_ids", "labels")})
+        features = Features({name: List(Value("int32"), length=self.seq_len) for name in COLUMNS})
         return Dataset.from_dict({"input_ids": self.input_ids, "labels": self.labels}, features=features)
 
     def metrics(self, split: str) -> dict[str, float]:
@@ -140,3 +144,18 @@ def prepare_alpaca(rows: Iterable[Row], tokenizer, cfg: PrepareDataConfig) -> Pr
     log.info("prepared %s", metrics)
     return PreparedData(DatasetDict(train=train.dataset(), validation=val.dataset()), metrics)
 
+
+
+def save_prepared(dataset: DatasetDict, out: str | Path) -> None:
+    """`save_to_disk` into a temp folder that then replaces `out` (the prepare-data out)."""
+    with atomic_dir(out) as tmp:
+        dataset.save_to_disk(str(tmp))
+
+
+def load_prepared(path: str | Path) -> DatasetDict:
+    """prepare-data's out, checked: splits train/validation, columns input_ids/labels."""
+    dataset = load_from_disk(str(path))
+    if not isinstance(dataset, DatasetDict) or set(dataset) != set(SPLITS) or any(
+            dataset[split].column_names != list(COLUMNS) for split in SPLITS):
+        raise ValueError(f"{path}: not a prepare-data out (splits {SPLITS}, columns {COLUMNS})")
+    return dataset

@@ -6,8 +6,7 @@ import argparse
 
 from pipeline import tracking
 from pipeline.config import PrepareDataConfig, TeacherConfig, TrackingConfig
-from pipeline.data import prepare_alpaca, read_alpaca_rows
-from pipeline.io import atomic_dir
+from pipeline.data import prepare_alpaca, read_alpaca_rows, save_prepared
 from pipeline.stage import load_blocks, run_stage
 from pipeline.teacher import load_tokenizer
 
@@ -22,8 +21,7 @@ def main() -> None:
 
     with tracking.stage_run("prepare-data", [teacher, cfg], track) as run:
         prepared = prepare_alpaca(rows, load_tokenizer(teacher.source), cfg)
-        with atomic_dir(args.out) as tmp:
-            prepared.dataset.save_to_disk(str(tmp))
+        save_prepared(prepared.dataset, args.out)
         run.log_metrics(prepared.metrics, args.metrics)
 
 

@@ -2,10 +2,11 @@
 import json
 
 import pytest
+from datasets import DatasetDict
 
 from pipeline.config import PrepareDataConfig
 from pipeline.data import (IGNORE, PROMPT_NO_INPUT, PROMPT_WITH_INPUT, format_prompt, prepare_alpaca,
-                           read_alpaca_rows, tokenize_row)
+                           load_prepared, read_alpaca_rows, save_prepared, tokenize_row)
 from pipeline.params import ConfigError
 from pipeline.teacher import load_tokenizer
 
@@ -127,3 +128,14 @@ def test_local_jsonl_source_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="bad.jsonl:1: expected string fields"):
         list(read_alpaca_rows(str(tmp_path / "bad.jsonl")))
 
+
+
+def test_prepared_data_round_trips_and_foreign_folders_are_refused(tmp_path, tokenizer):
+    cfg = PrepareDataConfig(seq_len=SEQ, val_rows=2, max_train_tokens=None, max_val_tokens=None)
+    dataset = prepare_alpaca(iter(make_rows(10)), tokenizer, cfg).dataset
+    save_prepared(dataset, tmp_path / "prepared")
+    loaded = load_prepared(tmp_path / "prepared")
+    assert loaded["train"]["labels"] == dataset["train"]["labels"]
+    save_prepared(DatasetDict(train=dataset["train"]), tmp_path / "other")
+    with pytest.raises(ValueError, match="not a prepare-data out"):
+        load_prepared(tmp_path / "other")
