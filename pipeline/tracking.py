@@ -88,6 +88,7 @@ class StageRun:
                if not _METRIC_KEY.fullmatch(k) or isinstance(v, bool) or not isinstance(v, (int, float))]
         if bad:
             raise ValueError(f"metrics must map snake_case names to numbers; bad entries: {bad}")
+
         def write_then_log(tmp: str) -> None:
             Path(tmp).write_text(json.dumps(dict(metrics), indent=2) + "\n")
             self.log_step_metrics(metrics, step=0)  # before the rename: no JSON without MLflow
