@@ -3,7 +3,8 @@
 Each row becomes the Stanford Alpaca prompt (with or without "### Input:") followed by its response.
 The prompt is tokenized with the tokenizer's own special tokens (`add_special_tokens=True`): Llama
 tokenizers prepend BOS as upstream does, SmolLM2's tokenizer adds nothing, so its chunks carry no
-BOS. The response is tokenized without special tokens and EOS is appended. Labels equal input_ids
+BOS. The response is tokenized without special tokens and the tokenizer's EOS id is appended
+(`</s>` for Llama, `<|im_end|>` for SmolLM2-Instruct, its end of turn). Labels equal input_ids
 except on prompt tokens (-100); the shift to next-token targets happens in the loss, as in
 transformers. Rows 0..val_rows-1 form validation, the rest train; each split is one stream of its
 rows in order, cut into seq_len chunks (no document masking, remainder dropped, chunks whose labels
