@@ -4,10 +4,9 @@
 """
 import argparse
 
-from datasets import load_from_disk
-
 from pipeline import tracking
 from pipeline.config import CacheTeacherAttnConfig, TeacherConfig, TrackingConfig
+from pipeline.data import load_prepared
 from pipeline.stage import load_blocks, run_stage
 from pipeline.teacher import load_teacher
 from pipeline.teacher_states import write_teacher_states
@@ -23,7 +22,7 @@ def main() -> None:
 
     with tracking.stage_run("cache-teacher-attn", [teacher, cfg], track) as run:
         model = load_teacher(teacher.source, teacher.torch_dtype)
-        metrics = write_teacher_states(model, load_from_disk(args.data), cfg, args.out)
+        metrics = write_teacher_states(model, load_prepared(args.data), cfg, args.out)
         run.log_metrics(metrics, args.metrics)
 
 

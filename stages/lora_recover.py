@@ -7,13 +7,11 @@ import argparse
 import shutil
 from pathlib import Path
 
-from datasets import load_from_disk
-
 from pipeline import tracking
 from pipeline.config import LoraRecoverConfig, TeacherConfig, TrackingConfig, VariantConfig
-from pipeline.hybrid import load_linearized
-from pipeline.hybrid.convert import WEIGHTS_FILE
-from pipeline.io import atomic_write_csv, file_digest
+from pipeline.data import load_prepared
+from pipeline.hybrid import linearized_digest, load_linearized
+from pipeline.io import atomic_write_csv
 from pipeline.lora import add_lora, recover, save_student
 from pipeline.params import build_block, build_entry, read_params
 from pipeline.stage import run_stage
@@ -30,12 +28,12 @@ def main() -> None:
     variant = build_entry(VariantConfig, params, args.variant)
 
     with tracking.stage_run(f"lora-recover@{args.variant}", [teacher, cfg, variant], track) as run:
-        data = load_from_disk(args.data)
+        data = load_prepared(args.data)
         model = add_lora(load_linearized(args.transfer, teacher.source, teacher.torch_dtype), cfg,
                          train_feature_maps=not variant.transfer)
         checkpoints = checkpoint_dir("lora-recover", args.variant, {
             "blocks": [teacher.to_dict(), cfg.to_dict(), variant.to_dict()],
-            "transfer": file_digest(Path(args.transfer) / WEIGHTS_FILE)})
+            "transfer": linearized_digest(args.transfer)})
         checkpoints.mkdir(parents=True, exist_ok=True)
         result = recover(model, data, cfg, checkpoints / "lora.pt", run.log_step_metrics)
 

@@ -7,8 +7,6 @@ which transformers passes no mask), attaches a `HybridAttention` to each attenti
 A linearized model is saved as its new weights only (safetensors) plus `hybrid_config.json`.
 """
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..io import atomic_write, atomic_write_json, file_digest
 from ..teacher import load_teacher
 from .attention import HybridAttention, hybrid_attention_forward
 from .config import HybridConfig
@@ -75,8 +74,13 @@ def save_linearized(model: PreTrainedModel, folder: str | Path, teacher_source: 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.contiguous().cpu() for name, t in hybrid_state_dict(model).items()}
     meta = {"teacher_source": teacher_source, "attention": config.to_dict()}
-    _atomic_write(folder / WEIGHTS_FILE, lambda path: save_file(tensors, path))
-    _atomic_write(folder / CONFIG_FILE, lambda path: Path(path).write_text(json.dumps(meta, indent=2)))
+    atomic_write(folder / WEIGHTS_FILE, lambda path: save_file(tensors, path))
+    atomic_write_json(folder / CONFIG_FILE, meta)
+
+
+def linearized_digest(folder: str | Path) -> str:
+    """Identifies a saved linearized model (sha256 of its weights file)."""
+    return file_digest(Path(folder) / WEIGHTS_FILE)
 
 
 def load_linearized(folder: str | Path, teacher_source: str | None = None,
@@ -93,14 +97,3 @@ def load_linearized(folder: str | Path, teacher_source: str | None = None,
         raise ValueError(f"{folder / WEIGHTS_FILE} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
     model.load_state_dict(weights, strict=False)
     return model
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
