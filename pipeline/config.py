@@ -56,8 +56,8 @@ class PrepareDataConfig(ParamsBlock):
     val_rows: int = 200  # rows 0..val_rows-1 → validation, the rest → train (paper: 200)
     # train tokens kept: the first floor(max_train_tokens / seq_len) chunks; null = every row.
     # Paper: all ~10M tokens of alpaca-cleaned, 2 epochs per stage; this keeps CPU runs small.
-    max_train_tokens: int | None = 131072
-    max_val_tokens: int | None = 16384  # the same cap for validation (paper: all 200 rows)
+    max_train_tokens: int | None = 16384
+    max_val_tokens: int | None = 2048  # the same cap for validation (paper: all 200 rows)
 
     def __post_init__(self) -> None:
         self.require(bool(self.source.strip()), "source", "must be a .jsonl path or a hub dataset id")
@@ -98,6 +98,7 @@ class TrainingConfig(ParamsBlock):
     weight_decay: float = 0.0
     epochs: int = 2  # passes over the train chunks (paper: 2)
     grad_accum: int = 8  # chunks per update (paper: micro-batch 1 x 8 = 8,192 tokens at seq_len 1024)
+    max_updates: int | None = None  # stop early after this many updates (CPU budget); null = all epochs
     eval_every: int = 100  # updates between validation passes (paper: 100)
     plateau_patience: int = 10  # evaluations without improvement before the lr drops (paper: 10)
     plateau_factor: float = 0.1  # lr multiplier on a plateau (paper: 0.1)
@@ -109,6 +110,7 @@ class TrainingConfig(ParamsBlock):
         self.require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         self.require(self.epochs >= 0, "epochs", "must be >= 0 (0 keeps the initial weights)")
         self.require(self.grad_accum >= 1, "grad_accum", "must be at least 1 chunk")
+        self.require(self.max_updates is None or self.max_updates >= 0, "max_updates", "must be null or >= 0")
         self.require(self.eval_every >= 1, "eval_every", "must be at least 1 update")
         self.require(self.plateau_patience >= 0, "plateau_patience", "must be >= 0")
         self.require(0 < self.plateau_factor < 1, "plateau_factor", "must lie strictly between 0 and 1")
@@ -122,6 +124,8 @@ class AttentionTransferConfig(TrainingConfig):
     BLOCK = "attention-transfer"
 
     lr: float = 1e-2  # paper: 1e-2
+    grad_accum: int = 1  # CPU default; paper: 8
+    eval_every: int = 8  # CPU default; paper: 100
     mse_factor: float = 1000.0  # x MSE of per-head outputs before o_proj (paper: 1000)
     xent_factor: float = 0.0  # x attention-weight cross-entropy; quadratic memory (8B paper: 0)
 
@@ -139,6 +143,10 @@ class LoraRecoverConfig(TrainingConfig):
     BLOCK = "lora-recover"
 
     lr: float = 1e-4  # paper: 1e-4 (the plateau floor stays 1e-5, as upstream)
+    epochs: int = 1  # CPU default; paper: 2
+    grad_accum: int = 1  # CPU default; paper: 8
+    max_updates: int | None = 8  # CPU default; paper: null
+    eval_every: int = 4  # CPU default; paper: 100
     rank: int = 8  # LoRA r (paper: 8)
     alpha: int = 16  # LoRA alpha, scale alpha / r (paper: 16)
     dropout: float = 0.0  # LoRA dropout (paper: 0)
@@ -158,7 +166,8 @@ class VariantConfig(ParamsBlock):
 
     BLOCK = "variants"
 
-    mode: Literal["hybrid", "window_only", "linear_only"] = "hybrid"  # overrides attention.mode
+    # the hybrid's mode for this variant; null = attention.mode
+    mode: Literal["hybrid", "window_only", "linear_only"] | None = None
     # false: the paper's no-transfer baseline, feature maps + window factors trained with LoRA instead
     transfer: bool = True
 

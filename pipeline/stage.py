@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .params import PARAMS_FILE, ConfigError, ParamsBlock, build_block, read_params
+from .params import PARAMS_FILE, ConfigError, ParamsBlock, build_block, build_entry, read_params
 
 EXIT_CONFIG = 2  # the usual exit code of a command-line usage error
 
@@ -18,6 +18,11 @@ def load_blocks(*classes: type[ParamsBlock], path: str | Path = PARAMS_FILE) -> 
     """The checked dataclass of each named block of params.yaml, in the order asked."""
     params = read_params(path)
     return tuple(build_block(cls, params) for cls in classes)
+
+
+def load_entry(cls: type[ParamsBlock], name: str, path: str | Path = PARAMS_FILE) -> Any:
+    """Entry `name` of a block of named entries (e.g. `variants.lolcats`), checked."""
+    return build_entry(cls, read_params(path), name)
 
 
 def run_stage(main: Callable[[], None]) -> None:

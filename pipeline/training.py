@@ -60,6 +60,8 @@ def fit(named_params: Mapping[str, torch.nn.Parameter], loss_fn: LossFn, train_i
         optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr)
     updates_per_epoch = math.ceil(len(train_items) / cfg.grad_accum)
     total_updates = updates_per_epoch * cfg.epochs
+    if cfg.max_updates is not None:
+        total_updates = min(total_updates, cfg.max_updates)
     state = _load(checkpoint)
     if state is None:
         initial = dict(evaluate())

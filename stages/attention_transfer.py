@@ -13,8 +13,7 @@ from pipeline import tracking
 from pipeline.config import AttentionTransferConfig, HybridConfig, TeacherConfig, TrackingConfig, VariantConfig
 from pipeline.hybrid import hybrid_state_dict, linearize, save_linearized
 from pipeline.io import atomic_write_csv
-from pipeline.params import build_block, build_entry, read_params
-from pipeline.stage import run_stage
+from pipeline.stage import load_blocks, load_entry, run_stage
 from pipeline.teacher import load_teacher
 from pipeline.teacher_states import TeacherStates
 from pipeline.training import checkpoint_dir
@@ -26,11 +25,9 @@ def main() -> None:
     for name in ("variant", "states", "out", "metrics", "plots"):
         parser.add_argument(name)
     args = parser.parse_args()
-    params = read_params()
-    teacher, attention, cfg, track = (build_block(c, params) for c in
-                                      (TeacherConfig, HybridConfig, AttentionTransferConfig, TrackingConfig))
-    variant = build_entry(VariantConfig, params, args.variant)
-    attention = dataclasses.replace(attention, mode=variant.mode)
+    teacher, attention, cfg, track = load_blocks(TeacherConfig, HybridConfig, AttentionTransferConfig, TrackingConfig)
+    variant = load_entry(VariantConfig, args.variant)
+    attention = dataclasses.replace(attention, mode=variant.mode or attention.mode)
     if not variant.transfer:
         cfg = dataclasses.replace(cfg, epochs=0)
 

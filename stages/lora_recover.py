@@ -13,8 +13,7 @@ from pipeline.data import load_prepared
 from pipeline.hybrid import linearized_digest, load_linearized
 from pipeline.io import atomic_write_csv
 from pipeline.lora import add_lora, recover, save_student
-from pipeline.params import build_block, build_entry, read_params
-from pipeline.stage import run_stage
+from pipeline.stage import load_blocks, load_entry, run_stage
 from pipeline.training import checkpoint_dir
 
 
@@ -23,9 +22,8 @@ def main() -> None:
     for name in ("variant", "data", "transfer", "out", "metrics", "plots"):
         parser.add_argument(name)
     args = parser.parse_args()
-    params = read_params()
-    teacher, cfg, track = (build_block(c, params) for c in (TeacherConfig, LoraRecoverConfig, TrackingConfig))
-    variant = build_entry(VariantConfig, params, args.variant)
+    teacher, cfg, track = load_blocks(TeacherConfig, LoraRecoverConfig, TrackingConfig)
+    variant = load_entry(VariantConfig, args.variant)
 
     with tracking.stage_run(f"lora-recover@{args.variant}", [teacher, cfg, variant], track) as run:
         data = load_prepared(args.data)

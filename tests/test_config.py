@@ -39,6 +39,7 @@ BAD_VALUES = [
     (config.AttentionTransferConfig, {"epochs": -1}, "attention-transfer.epochs"),
     (config.AttentionTransferConfig, {"grad_accum": 0}, "attention-transfer.grad_accum"),
     (config.AttentionTransferConfig, {"eval_every": 0}, "attention-transfer.eval_every"),
+    (config.AttentionTransferConfig, {"max_updates": -1}, "attention-transfer.max_updates"),
     (config.AttentionTransferConfig, {"plateau_patience": -1}, "attention-transfer.plateau_patience"),
     (config.AttentionTransferConfig, {"plateau_factor": 1.0}, "attention-transfer.plateau_factor"),
     (config.AttentionTransferConfig, {"min_lr": 0.1}, "attention-transfer.min_lr"),

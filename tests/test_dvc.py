@@ -17,14 +17,20 @@ from tests.conftest import REPO
 # read by every stage but only says where runs are recorded, so dvc.yaml lists it nowhere.
 SHARED_READS = {
     "prepare-data": {"teacher": ["source"]},
+    "cache-teacher-attn": {"teacher": ["source", "dtype"]},
+    "attention-transfer": {"teacher": ["source", "dtype"], "attention": "all"},
+    "lora-recover": {"teacher": ["source", "dtype"]},
 }
+# `foreach` stages run once per entry of this block and read their own entry (`variants.${key}`)
+ENTRY_BLOCK = "variants"
 RECORD_ONLY = {"tracking"}
 # pipeline modules that check params, record runs or write files atomically; they never decide
 # what a stage computes, so they are not deps (an edit there reruns nothing)
 BOOKKEEPING = {"pipeline/__init__.py", "pipeline/config.py", "pipeline/params.py", "pipeline/stage.py",
                "pipeline/tracking.py", "pipeline/io.py"}
 
-STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+STAGES = {name: spec.get("do", spec) for name, spec in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items()}
+PER_ENTRY = {name for name, spec in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items() if "foreach" in spec}
 CLASSES = {cls.BLOCK: cls for cls in (getattr(config, n) for n in config.__all__)
            if issubclass(cls, ParamsBlock) and hasattr(cls, "BLOCK")}
 
@@ -36,8 +42,11 @@ def script(stage: str) -> Path:
 def expected_params(stage: str) -> set[str]:
     own = {f"{stage}.{f.name}" for f in dataclasses.fields(CLASSES[stage])} if stage in CLASSES else set()
     shared = set()
+    if stage in PER_ENTRY:
+        shared.add(f"{ENTRY_BLOCK}.${{key}}")
     for block, keys in SHARED_READS[stage].items():
         fields = {f.name for f in dataclasses.fields(CLASSES[block])}
+        keys = sorted(fields) if keys == "all" else keys
         assert set(keys) <= fields, f"SHARED_READS names fields {block} does not have"
         shared |= {f"{block}.{key}" for key in keys}
     return own | shared
@@ -48,7 +57,7 @@ def listed_params(entries: list) -> set[str]:
     keys = set()
     for entry in entries:
         assert isinstance(entry, str), "params come from params.yaml, listed by key"
-        if "." in entry:
+        if "." in entry or entry not in CLASSES:
             keys.add(entry)
         else:
             keys |= {f"{entry}.{f.name}" for f in dataclasses.fields(CLASSES[entry])}
@@ -96,13 +105,22 @@ def test_one_name_everywhere(stage):
     module = f"stages.{stage.replace('-', '_')}"
     assert STAGES[stage]["cmd"].startswith(f"python -m {module} ")
     tree = ast.parse(script(stage).read_text())
-    run_names = [node.args[0].value for node in ast.walk(tree) if isinstance(node, ast.Call)
+    run_names = [_run_name(node.args[0]) for node in ast.walk(tree) if isinstance(node, ast.Call)
                  and getattr(node.func, "attr", None) == "stage_run"]
-    assert run_names == [stage]
+    assert run_names == [f"{stage}@" if stage in PER_ENTRY else stage]
     built = [arg.id for node in ast.walk(tree) if isinstance(node, ast.Call)
-             and getattr(node.func, "id", None) == "load_blocks" for arg in node.args]
+             and getattr(node.func, "id", None) in ("load_blocks", "load_entry") for arg in node.args
+             if isinstance(arg, ast.Name) and arg.id in config.__all__]
     blocks = {getattr(config, name).BLOCK for name in built}
-    assert blocks == ({stage} & set(CLASSES)) | set(SHARED_READS[stage]) | RECORD_ONLY
+    entry = {ENTRY_BLOCK} if stage in PER_ENTRY else set()
+    assert blocks == ({stage} & set(CLASSES)) | set(SHARED_READS[stage]) | RECORD_ONLY | entry
+
+
+def _run_name(node: ast.expr) -> str:
+    """A run name literal, or the literal head of an f-string such as f"lora-recover@{variant}"."""
+    if isinstance(node, ast.JoinedStr):
+        return node.values[0].value
+    return node.value
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -112,7 +130,10 @@ def test_deps_cover_the_script_and_the_modules_it_computes_with(stage):
     computing = pipeline_modules(script(stage), set()) - BOOKKEEPING
     uncovered = [m for m in computing if not any(m == d or m.startswith(d.rstrip("/") + "/") for d in deps)]
     assert not uncovered, f"{stage} computes with {uncovered} but does not list them under deps"
-    assert all((REPO / d).exists() for d in deps)
+    assert all((REPO / d).exists() for d in deps if "${" not in d and d not in OUTS)
+
+
+OUTS = {out if isinstance(out, str) else next(iter(out)) for spec in STAGES.values() for out in spec.get("outs", [])}
 
 
 def test_dvc_dag_accepts_the_pipeline():
