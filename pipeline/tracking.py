@@ -96,12 +96,19 @@ class StageRun:
         atomic_write(json_path, write_then_log)
 
     def log_step_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self._log(self.run_id, metrics, step)
+
+    def log_pipeline_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Headline metrics on the parent run: the one row per execution that `mlflow ui` compares."""
+        self._log(self.parent_id, metrics, 0)
+
+    def _log(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
         import mlflow
 
         now = int(time.time() * 1000)
         entries = [mlflow.entities.Metric(k, float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(entries), 1000):  # MLflow's per-call limit for metrics
-            self.client.log_batch(self.run_id, metrics=entries[i:i + 1000])
+            self.client.log_batch(run_id, metrics=entries[i:i + 1000])
 
     def log_artifact(self, path: str | Path) -> None:
         self.client.log_artifact(self.run_id, str(path))

@@ -1,0 +1,203 @@
+"""The report: teacher / students / baselines per task, gap closure, perplexities, cost, figures.
+
+../shared/design/lolcats.md §5-§6. Reads only what earlier stages wrote (metrics JSONs, plot CSVs,
+benchmark JSONs) and renders one document model twice: Markdown for the repo, and a self-contained
+HTML page (figures inlined as base64 PNG) for a browser or an MLflow artifact view.
+"""
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from . import figures
+from .comparison import TASK_METRICS, ZERO_SHOT, compare
+
+REFERENCE_MODELS = ("teacher", "window_only")  # evaluated without training; the rest are variants
+ROWS = list(TASK_METRICS) + ["avg_zero_shot", "avg_all"]
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _per_name(folder: Path) -> dict[str, dict]:
+    return {p.stem: _read_json(p) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+
+
+@dataclass
+class PipelineResults:
+    """Everything the stages recorded, by stage and by model or variant name."""
+    prepare: dict
+    cache: dict
+    transfer: dict[str, dict]
+    lora: dict[str, dict]
+    lm_eval: dict[str, dict]
+    benchmarks: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, metrics: Path, benchmarks: Path) -> "PipelineResults":
+        return cls(_read_json(metrics / "prepare_data.json"), _read_json(metrics / "cache_teacher_attn.json"),
+                   _per_name(metrics / "attention_transfer"), _per_name(metrics / "lora_recover"),
+                   _per_name(metrics / "lm_eval"), _per_name(benchmarks))
+
+    def ordered_models(self) -> list[str]:
+        students = [m for m in self.lm_eval if m not in REFERENCE_MODELS]
+        return [m for m in REFERENCE_MODELS if m in self.lm_eval] + students
+
+
+def headline(results: PipelineResults) -> dict[str, float]:
+    """Flat metrics for DVC and the MLflow parent run: scores, gap closure, perplexities, cost."""
+    table = compare({m: results.lm_eval[m] for m in results.ordered_models()})
+    out: dict[str, float] = {}
+    for model, rows in table.items():
+        for task in ROWS:
+            out[f"{model}_{task}"] = rows[task]["value"]
+            closure = rows[task]["gap_closure"]
+            if closure is not None and model not in REFERENCE_MODELS + ("no_transfer",):
+                out[f"{model}_{task}_gap_closure"] = closure
+        for key in ("wikitext2_ppl", "alpaca_val_ppl"):
+            if key in results.lm_eval[model]:
+                out[f"{model}_{key}"] = results.lm_eval[model][key]
+    seq_len = results.prepare["train_tokens"] // max(results.prepare["train_chunks"], 1)
+    for variant, metrics in results.transfer.items():
+        out[f"{variant}_transfer_tokens"] = metrics["train_chunks_per_block"] * seq_len
+    for variant, metrics in results.lora.items():
+        out[f"{variant}_ppl_at_0"] = metrics["val_ppl_start"]
+        out[f"{variant}_lora_tokens"] = metrics["train_tokens"]
+    out["teacher_alpaca_val_ppl_cache"] = results.cache["teacher_val_ppl"]
+    out["wall_time_s_total"] = (results.cache["wall_time_s"] + sum(m["wall_time_s"] for m in results.transfer.values())
+                                + sum(m["wall_time_s"] for m in results.lora.values())
+                                + sum(m.get("wall_time_s", 0.0) for m in results.lm_eval.values()))
+    return out
+
+
+# --- a tiny document model, rendered to Markdown and to HTML ---------------------------------------
+
+Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "undetermined"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def document(results: PipelineResults, figure_paths: dict[str, Path], limits: dict[str, int | None]) -> list[Block]:
+    models = results.ordered_models()
+    table = compare({m: results.lm_eval[m] for m in models})
+    full = all(v is None for v in limits.values())
+    doc: list[Block] = [
+        ("h", 1, "LoLCATs linearization report"),
+        ("p", "Protocol: " + ("the paper's full lm-eval protocol (limit: null on every task)." if full else
+              "a CPU subset — documents per task: " + ", ".join(f"{t} {n}" for t, n in limits.items())
+              + " (MMLU: per subject). Scores on so few documents carry large standard errors; "
+              "set `lm-eval.limit.*: null` for the paper's protocol.")),
+        ("h", 2, "Scores (value ± stderr)"),
+        ("table", ["benchmark (metric)"] + models,
+         [[f"{t} ({TASK_METRICS.get(t, 'mean')})"] + [f"{table[m][t]['value']:.3f} ± {table[m][t]['stderr']:.3f}"
+                                                      for m in models] for t in ROWS]),
+        ("h", 2, "Gap closure vs the no-transfer baseline, and recovery"),
+        ("p", "gap closure = (student − no_transfer) / (teacher − no_transfer) (§5); recovery = student / teacher. "
+              "`undetermined`: teacher and baseline differ by less than their combined stderr."),
+    ]
+    students = [m for m in models if m not in REFERENCE_MODELS]
+    doc.append(("table", ["benchmark"] + [f"{m} gap closure" for m in students] + [f"{m} recovery" for m in students],
+                [[t] + [_fmt(table[m][t]["gap_closure"]) for m in students] + [_fmt(table[m][t]["recovery"]) for m in students]
+                 for t in ROWS]))
+    doc += [("h", 2, "Perplexity"),
+            ("table", ["model", "WikiText-2 test", "Alpaca validation"],
+             [[m, _fmt(results.lm_eval[m].get("wikitext2_ppl"), 2), _fmt(results.lm_eval[m].get("alpaca_val_ppl"), 2)]
+              for m in models]),
+            ("p", "Paper Table 1 'PPL@0': Alpaca validation perplexity after the swap, before LoRA."),
+            ("table", ["variant", "PPL@0 (before LoRA)", "after LoRA"],
+             [[v, _fmt(m["val_ppl_start"], 2), _fmt(m["val_ppl"], 2)] for v, m in results.lora.items()])]
+    doc += [("h", 2, "Cost"),
+            ("table", ["stage", "variant", "train tokens", "updates", "trainable params", "wall time (s)"],
+             [["cache-teacher-attn", "—", results.cache["cache_tokens"], "—", 0, _fmt(results.cache["wall_time_s"], 1)]]
+             + [["attention-transfer", v, m["train_chunks_per_block"] * results.prepare["train_tokens"]
+                 // max(results.prepare["train_chunks"], 1), m["updates_per_block"], m["trainable_params"],
+                 _fmt(m["wall_time_s"], 1)] for v, m in results.transfer.items()]
+             + [["lora-recover", v, m["train_tokens"], m["updates"], m["trainable_params"], _fmt(m["wall_time_s"], 1)]
+                for v, m in results.lora.items()]
+             + [["lm-eval", m, "—", "—", "—", _fmt(results.lm_eval[m].get("wall_time_s"), 1)] for m in models])]
+    doc.append(("h", 2, "Figures"))
+    doc += [("img", path, caption) for caption, path in figure_paths.items()]
+    for name, bench in results.benchmarks.items():
+        doc += [("h", 2, f"Benchmark: {name}"), ("p", f"command: `{bench.get('command', '?')}`"),
+                ("table", ["key", "value"], [[k, json.dumps(v) if isinstance(v, (dict, list)) else v]
+                                             for k, v in bench.items() if k != "command"])]
+    return doc
+
+
+def to_markdown(doc: list[Block], root: Path) -> str:
+    lines = []
+    for block in doc:
+        if block[0] == "h":
+            lines += ["#" * block[1] + " " + block[2], ""]
+        elif block[0] == "p":
+            lines += [block[1], ""]
+        elif block[0] == "table":
+            header, rows = block[1], block[2]
+            lines += ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows] + [""]
+        else:
+            lines += [f"![{block[2]}]({block[1].relative_to(root).as_posix()})", ""]
+    return "\n".join(lines)
+
+
+def to_html(doc: list[Block]) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>LoLCATs report</title><style>"
+             "body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style></head><body>"]
+    for block in doc:
+        if block[0] == "h":
+            parts.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
+        elif block[0] == "p":
+            parts.append(f"<p>{html.escape(block[1])}</p>")
+        elif block[0] == "table":
+            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in block[1])
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in block[2])
+            parts.append(f"<table><tr>{head}</tr>{body}</table>")
+        else:
+            data = base64.b64encode(block[1].read_bytes()).decode()
+            parts.append(f"<figure><img src='data:image/png;base64,{data}'><figcaption>{html.escape(block[2])}</figcaption></figure>")
+    return "".join(parts) + "</body></html>\n"
+
+
+def draw_figures(results: PipelineResults, plots: Path, out: Path) -> dict[str, Path]:
+    """The report's PNGs from the stages' plot CSVs: {caption: path}."""
+    def frames(pattern: str) -> dict[str, pd.DataFrame]:
+        return {p.parent.name: pd.read_csv(p) for p in sorted(plots.glob(pattern))}
+    models = results.ordered_models()
+    return {
+        "Per-layer validation MSE before and after attention transfer":
+            figures.per_layer_mse({v: f for v, f in frames("attention_transfer/*/per_layer_mse.csv").items()
+                                   if results.transfer.get(v, {}).get("updates_per_block")}, out / "per_layer_mse.png"),
+        "Attention-transfer loss (1000 x MSE, mean over blocks)":
+            figures.loss_curves(frames("attention_transfer/*/loss.csv"), "Attention transfer", "loss",
+                                out / "transfer_loss.png"),
+        "LoRA recovery loss (response tokens)":
+            figures.loss_curves(frames("lora_recover/*/loss.csv"), "LoRA recovery", "next-token loss",
+                                out / "lora_loss.png"),
+        "Scores per task with standard errors":
+            figures.task_bars(compare({m: results.lm_eval[m] for m in models}), out / "task_scores.png"),
+    }
+
+
+def write_report(metrics: Path, plots: Path, benchmarks: Path, out: Path,
+                 limits: dict[str, int | None]) -> tuple[dict[str, float], list[Path]]:
+    """reports/report.md, reports/report.html and reports/figures/*.png; returns (headline metrics, files)."""
+    from .io import atomic_write
+
+    results = PipelineResults.read(metrics, benchmarks)
+    figure_paths = draw_figures(results, plots, out / "figures")
+    doc = document(results, figure_paths, limits)
+    markdown, page = out / "report.md", out / "report.html"
+    atomic_write(markdown, lambda tmp: Path(tmp).write_text(to_markdown(doc, out)))
+    atomic_write(page, lambda tmp: Path(tmp).write_text(to_html(doc)))
+    return headline(results), [markdown, page, *figure_paths.values()]
