@@ -3,7 +3,7 @@
 Blocks shared by several stages (`teacher`, `attention`, `tracking`) come first, then one block per
 stage in pipeline order. Reading and checking rules live in `params.py`.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
@@ -172,5 +172,49 @@ class VariantConfig(ParamsBlock):
     transfer: bool = True
 
 
-__all__ = ["AttentionTransferConfig", "CacheTeacherAttnConfig", "HybridConfig", "LoraRecoverConfig", "PrepareDataConfig",
-           "TeacherConfig", "TrackingConfig", "TrainingConfig", "VariantConfig"]
+@dataclass
+class TaskLimits(ParamsBlock):
+    """Documents scored per benchmark (`lm-eval.limit`); null = all of them (the paper)."""
+
+    BLOCK = "lm-eval.limit"
+
+    piqa: int | None = 20  # of 1838 validation questions
+    arc_easy: int | None = 20  # of 2376 test questions
+    arc_challenge: int | None = 20  # of 1172 test questions
+    hellaswag: int | None = 10  # of 10042 validation contexts (4 long endings each: the dearest task)
+    winogrande: int | None = 20  # of 1267 validation sentences
+    mmlu: int | None = 1  # PER SUBJECT (57 subjects; 14042 test questions in all)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            limit = getattr(self, f.name)
+            self.require(limit is None or limit >= 1, f.name, "must be null (all documents) or at least 1")
+
+
+@dataclass
+class LmEvalConfig(ParamsBlock):
+    """Benchmarks through lm-eval and perplexities of every evaluated model (lolcats.md §5)."""
+
+    BLOCK = "lm-eval"
+
+    limit: TaskLimits = field(default_factory=TaskLimits)  # a seeded random subset per task
+    batch_size: int = 4  # loglikelihood requests per forward, right-padded (paper: 1); 4 was fastest on CPU
+    # dev examples before each MMLU question (paper: 5; dev has 5 per subject). CPU default 0:
+    # 5 shots make each prompt ~6x longer, 82 s for one question per subject on SmolLM2-135M
+    mmlu_shots: int = 0
+    ppl_seq_len: int = 1024  # tokens per non-overlapping WikiText-2 window
+    # tokens scored per perplexity: the first WikiText-2 test tokens, and the Alpaca validation
+    # chunks that hold this many; null = all of both
+    ppl_max_tokens: int | None = 1024
+    seed: int = 0  # picks the limited subsets and seeds lm-eval; the same seed, the same documents
+
+    def __post_init__(self) -> None:
+        self.require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        self.require(0 <= self.mmlu_shots <= 5, "mmlu_shots", "must lie in [0, 5] (the dev split has 5 per subject)")
+        self.require(self.ppl_seq_len >= 2, "ppl_seq_len", "must be at least 2 tokens")
+        self.require(self.ppl_max_tokens is None or self.ppl_max_tokens >= self.ppl_seq_len, "ppl_max_tokens",
+                     f"must be null or at least ppl_seq_len ({self.ppl_seq_len}) tokens")
+
+
+__all__ = ["AttentionTransferConfig", "CacheTeacherAttnConfig", "HybridConfig", "LmEvalConfig", "LoraRecoverConfig",
+           "PrepareDataConfig", "TeacherConfig", "TrackingConfig", "TrainingConfig", "VariantConfig"]
