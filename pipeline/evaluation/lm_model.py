@@ -1,0 +1,58 @@
+"""`lolcats`: lm-eval's HFLM over a linearized or student model (../shared/design/lolcats.md §5).
+
+`lm_eval --model lolcats --model_args pretrained=<folder>[,teacher=<source>]` where the folder is
+a saved student (`adapter_config.json`: hybrid weights + LoRA, `pipeline.lora.load_student`), a
+transfer-only folder (hybrid weights only, `pipeline.hybrid.load_linearized`), or anything else
+`load_teacher` reads (a teacher source, evaluated as the plain softmax model). The tokenizer is
+the teacher's: `teacher=`, else the source recorded in the folder's `hybrid_config.json`.
+In code, `LolcatsLM(pretrained=model, tokenizer=tokenizer)` wraps a model already built.
+
+Padding: HFLM right-pads loglikelihood batches and calls the model without a mask, which the
+causal hybrid handles (pads only follow real tokens). Batched generation pads on the left, which
+the hybrid refuses with an error; use batch_size 1 for `generate_until` tasks.
+"""
+import json
+from pathlib import Path
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM  # importing lm_eval.models also registers the stock models
+from transformers import PreTrainedModel
+
+from ..hybrid import load_linearized
+from ..hybrid.convert import CONFIG_FILE
+from ..lora import load_student
+from ..teacher import load_teacher, load_tokenizer
+
+ADAPTER_FILE = "adapter_config.json"  # written by peft's save_pretrained (pipeline.lora.save_student)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # as teacher.dtype
+
+
+def load_saved(pretrained: str | Path, teacher: str | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, str]:
+    """The model a `pretrained=` argument names, and the teacher source its tokenizer comes from."""
+    folder = Path(pretrained)
+    if not (folder / CONFIG_FILE).is_file():
+        source = teacher or str(pretrained)
+        return load_teacher(source, dtype), source
+    source = teacher or json.loads((folder / CONFIG_FILE).read_text())["teacher_source"]
+    if (folder / ADAPTER_FILE).is_file():
+        return load_student(folder, source, dtype), source
+    return load_linearized(folder, source, dtype).eval(), source
+
+
+@register_model("lolcats")
+class LolcatsLM(HFLM):
+    def __init__(self, pretrained: str | PreTrainedModel, teacher: str | None = None, tokenizer=None,
+                 dtype: str = "float32", device: str | None = None, **kwargs) -> None:
+        if not isinstance(pretrained, torch.nn.Module):
+            if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
+                device = "cuda" if torch.cuda.is_available() else "cpu"  # the CLI asks for cuda:0 by default
+            if dtype not in DTYPES:
+                raise ValueError(f"LolcatsLM: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+            pretrained, source = load_saved(pretrained, teacher, DTYPES[dtype])
+            pretrained = pretrained.to(device)
+            tokenizer = tokenizer or load_tokenizer(source)
+        if tokenizer is None:
+            raise ValueError("LolcatsLM: an in-memory model needs its tokenizer (tokenizer=...)")
+        super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
