@@ -64,6 +64,11 @@ def test_all_local_tasks_are_indexed_and_used_when_the_data_is_there(tmp_path):
     assert task_names(tmp_path)["piqa"] == "lolcats_piqa" and task_names(tmp_path)["mmlu"] == "mmlu"
 
 
+def test_the_stock_fallbacks_are_lm_eval_tasks():
+    index = TaskManager(include_defaults=True).task_index  # ~8 s: indexes every stock task
+    assert all(b.stock_task in index for b in BENCHMARKS.values())
+
+
 @pytest.mark.parametrize("name, split, target, choices", [
     ("lolcats_piqa", "piqa/validation.jsonl", lambda d: d["label"], lambda d: [d["sol1"], d["sol2"]]),
     ("lolcats_arc_easy", "arc_easy/test.jsonl",
