@@ -20,7 +20,15 @@ SHARED_READS = {
     "cache-teacher-attn": {"teacher": ["source", "dtype"]},
     "attention-transfer": {"teacher": ["source", "dtype"], "attention": "all"},
     "lora-recover": {"teacher": ["source", "dtype"]},
+    "lm-eval-teacher": {"teacher": ["source", "dtype"]},
+    "lm-eval-window-only": {"teacher": ["source", "dtype"], "attention": "all"},
+    "lm-eval": {"teacher": ["source", "dtype"]},
+    "report": {"lm-eval": ["limit"]},
 }
+# stages that run another stage's script (and so read its params block), by that stage's name
+SCRIPT_OF = {"lm-eval-teacher": "lm-eval", "lm-eval-window-only": "lm-eval"}
+# foreach stages that also read their own entry of ENTRY_BLOCK
+READS_ENTRY = {"attention-transfer", "lora-recover"}
 # `foreach` stages run once per entry of this block and read their own entry (`variants.${key}`)
 ENTRY_BLOCK = "variants"
 RECORD_ONLY = {"tracking"}
@@ -36,13 +44,14 @@ CLASSES = {cls.BLOCK: cls for cls in (getattr(config, n) for n in config.__all__
 
 
 def script(stage: str) -> Path:
-    return REPO / "stages" / f"{stage.replace('-', '_')}.py"
+    return REPO / "stages" / f"{SCRIPT_OF.get(stage, stage).replace('-', '_')}.py"
 
 
 def expected_params(stage: str) -> set[str]:
-    own = {f"{stage}.{f.name}" for f in dataclasses.fields(CLASSES[stage])} if stage in CLASSES else set()
+    block = SCRIPT_OF.get(stage, stage)
+    own = {f"{block}.{f.name}" for f in dataclasses.fields(CLASSES[block])} if block in CLASSES else set()
     shared = set()
-    if stage in PER_ENTRY:
+    if stage in READS_ENTRY:
         shared.add(f"{ENTRY_BLOCK}.${{key}}")
     for block, keys in SHARED_READS[stage].items():
         fields = {f.name for f in dataclasses.fields(CLASSES[block])}
@@ -102,18 +111,23 @@ def test_params_are_exactly_what_the_stage_reads(stage):
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_one_name_everywhere(stage):
     """Stage, script, `python -m` module, params block and MLflow run name all match."""
-    module = f"stages.{stage.replace('-', '_')}"
+    name = SCRIPT_OF.get(stage, stage)
+    module = f"stages.{name.replace('-', '_')}"
     assert STAGES[stage]["cmd"].startswith(f"python -m {module} ")
     tree = ast.parse(script(stage).read_text())
     run_names = [_run_name(node.args[0]) for node in ast.walk(tree) if isinstance(node, ast.Call)
                  and getattr(node.func, "attr", None) == "stage_run"]
-    assert run_names == [f"{stage}@" if stage in PER_ENTRY else stage]
+    sharing = [s for s in STAGES if SCRIPT_OF.get(s, s) == name]
+    assert run_names == [f"{name}@" if any(s in PER_ENTRY or s in SCRIPT_OF for s in sharing) else name]
     built = [arg.id for node in ast.walk(tree) if isinstance(node, ast.Call)
              and getattr(node.func, "id", None) in ("load_blocks", "load_entry") for arg in node.args
              if isinstance(arg, ast.Name) and arg.id in config.__all__]
     blocks = {getattr(config, name).BLOCK for name in built}
-    entry = {ENTRY_BLOCK} if stage in PER_ENTRY else set()
-    assert blocks == ({stage} & set(CLASSES)) | set(SHARED_READS[stage]) | RECORD_ONLY | entry
+    # a script shared by several stages reads what any of them depends on
+    expected = set(RECORD_ONLY) | ({name} & set(CLASSES))
+    for s in sharing:
+        expected |= set(SHARED_READS[s]) | ({ENTRY_BLOCK} if s in READS_ENTRY else set())
+    assert blocks == expected
 
 
 def _run_name(node: ast.expr) -> str:
@@ -130,10 +144,13 @@ def test_deps_cover_the_script_and_the_modules_it_computes_with(stage):
     computing = pipeline_modules(script(stage), set()) - BOOKKEEPING
     uncovered = [m for m in computing if not any(m == d or m.startswith(d.rstrip("/") + "/") for d in deps)]
     assert not uncovered, f"{stage} computes with {uncovered} but does not list them under deps"
-    assert all((REPO / d).exists() for d in deps if "${" not in d and d not in OUTS)
+    produced = [d for d in deps if any(o == d or o.startswith(d.rstrip("/") + "/") for o in PRODUCED)]
+    assert all((REPO / d).exists() for d in deps if "${" not in d and d not in produced)
 
 
-OUTS = {out if isinstance(out, str) else next(iter(out)) for spec in STAGES.values() for out in spec.get("outs", [])}
+# everything a stage writes (outs, metrics, plots): a dep on it, or on a folder of them, is an edge
+PRODUCED = {out if isinstance(out, str) else next(iter(out)) for spec in STAGES.values()
+            for kind in ("outs", "metrics", "plots") for out in spec.get(kind, [])}
 
 
 def test_dvc_dag_accepts_the_pipeline():

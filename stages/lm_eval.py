@@ -1,0 +1,33 @@
+"""DVC stages `lm-eval-teacher`, `lm-eval-window-only` and `lm-eval@VARIANT`: one model scored.
+
+../shared/design/lolcats.md §5. SOURCE is `teacher`, `window_only` or a saved student folder; the
+teacher has its own stage, so DVC keeps its scores when only student params change.
+Usage: python -m stages.lm_eval NAME SOURCE DATA_DIR METRICS_JSON
+"""
+import argparse
+import time
+
+from pipeline import tracking
+from pipeline.config import HybridConfig, LmEvalConfig, TeacherConfig, TrackingConfig
+from pipeline.data import load_prepared
+from pipeline.evaluation.harness import evaluate_model
+from pipeline.evaluation.models import evaluated_model
+from pipeline.stage import load_blocks, run_stage
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    for name in ("name", "source", "data", "metrics"):
+        parser.add_argument(name)
+    args = parser.parse_args()
+    teacher, attention, cfg, track = load_blocks(TeacherConfig, HybridConfig, LmEvalConfig, TrackingConfig)
+
+    with tracking.stage_run(f"lm-eval@{args.name}", [teacher, attention, cfg], track) as run:
+        start = time.perf_counter()
+        model, tokenizer = evaluated_model(args.source, teacher, attention)
+        metrics = evaluate_model(model, tokenizer, cfg, load_prepared(args.data)["validation"])
+        run.log_metrics(dict(metrics, wall_time_s=time.perf_counter() - start), args.metrics)
+
+
+if __name__ == "__main__":
+    run_stage(main)
