@@ -105,7 +105,7 @@ def document(results: PipelineResults, figure_paths: dict[str, Path], limits: di
         ("p", "gap closure = (student − no_transfer) / (teacher − no_transfer) (§5); recovery = student / teacher. "
               "`undetermined`: teacher and baseline differ by less than their combined stderr."),
     ]
-    students = [m for m in models if m not in REFERENCE_MODELS]
+    students = [m for m in models if m not in REFERENCE_MODELS + ("no_transfer",)]
     doc.append(("table", ["benchmark"] + [f"{m} gap closure" for m in students] + [f"{m} recovery" for m in students],
                 [[t] + [_fmt(table[m][t]["gap_closure"]) for m in students] + [_fmt(table[m][t]["recovery"]) for m in students]
                  for t in ROWS]))
@@ -117,7 +117,7 @@ def document(results: PipelineResults, figure_paths: dict[str, Path], limits: di
             ("table", ["variant", "PPL@0 (before LoRA)", "after LoRA"],
              [[v, _fmt(m["val_ppl_start"], 2), _fmt(m["val_ppl"], 2)] for v, m in results.lora.items()])]
     doc += [("h", 2, "Cost"),
-            ("table", ["stage", "variant", "train tokens", "updates", "trainable params", "wall time (s)"],
+            ("table", ["stage", "variant", "train tokens (per block)", "updates", "trainable params", "wall time (s)"],
              [["cache-teacher-attn", "—", results.cache["cache_tokens"], "—", 0, _fmt(results.cache["wall_time_s"], 1)]]
              + [["attention-transfer", v, m["train_chunks_per_block"] * results.prepare["train_tokens"]
                  // max(results.prepare["train_chunks"], 1), m["updates_per_block"], m["trainable_params"],
