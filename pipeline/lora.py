@@ -23,6 +23,7 @@ from .training import FitResult, LogFn, fit
 
 
 def add_lora(model: PreTrainedModel, cfg: LoraRecoverConfig, train_feature_maps: bool) -> PeftModel:
+    torch.manual_seed(cfg.seed)  # lora_A's random init: the same seed, the same student
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)

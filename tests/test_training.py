@@ -126,3 +126,12 @@ def test_no_transfer_baseline_trains_feature_maps_with_lora(stories_path):
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert any(".hybrid.feature_map_q" in n for n in trainable) and any(".hybrid.window_factors" in n for n in trainable)
     assert any("lora_A" in n for n in trainable)
+
+
+def test_lora_init_follows_the_seed(stories_path):
+    def lora_a(seed):
+        model = add_lora(student(stories_path), LoraRecoverConfig(seed=seed), train_feature_maps=False)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    first, again, other = lora_a(0), lora_a(0), lora_a(1)
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert not all(torch.equal(first[n], other[n]) for n in first)
