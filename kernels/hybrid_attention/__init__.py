@@ -1,16 +1,17 @@
 """Hybrid softmax-window + linear attention (../shared/design/lolcats.md §1.3, §7).
 
 `naive.py` is the quadratic oracle, `parallel.py` the chunked PyTorch form (CPU path and reference),
-`recurrent.py` the decode form. Backends sit in `BACKENDS`; `hybrid_attention` dispatches to one.
+`recurrent.py` the decode form, `chunk.py` the Triton training/prefill kernels. Backends sit in `BACKENDS`; `hybrid_attention` dispatches to one.
 """
 from typing import Callable
 
+from .chunk import hybrid_attention_chunk
 from .naive import hybrid_attention_naive, hybrid_attention_weights
 from .parallel import hybrid_attention_parallel
 from .recurrent import HybridState, hybrid_attention_recurrent, hybrid_attention_step, prefill_state
 from .windows import WINDOW_KINDS, window_kind
 
-BACKENDS: dict[str, Callable] = {"torch": hybrid_attention_parallel}
+BACKENDS: dict[str, Callable] = {"torch": hybrid_attention_parallel, "triton": hybrid_attention_chunk}
 
 
 def hybrid_attention(q, k, v, fq, fk, gamma, window_size: int, window: str = "sliding",
@@ -21,6 +22,6 @@ def hybrid_attention(q, k, v, fq, fk, gamma, window_size: int, window: str = "sl
     return BACKENDS[backend](q, k, v, fq, fk, gamma, window_size, window, scale)
 
 
-__all__ = ["BACKENDS", "HybridState", "WINDOW_KINDS", "hybrid_attention", "hybrid_attention_naive", "hybrid_attention_weights",
+__all__ = ["BACKENDS", "HybridState", "WINDOW_KINDS", "hybrid_attention", "hybrid_attention_chunk", "hybrid_attention_naive", "hybrid_attention_weights",
            "hybrid_attention_parallel", "hybrid_attention_recurrent", "hybrid_attention_step",
            "prefill_state", "window_kind"]

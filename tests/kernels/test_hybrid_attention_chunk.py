@@ -1,0 +1,86 @@
+"""The Triton chunk kernels (run by the interpreter here) held to the PyTorch chunked reference.
+
+Same inputs and the same upstream gradient go through `hybrid_attention_parallel` and
+`hybrid_attention_chunk`; outputs and the gradients of q, k, v, fq, fk and gamma are compared one by
+one. The real-shape bf16 check runs on a GPU: benchmarks/gpu_attention_check.py.
+"""
+import pytest
+import torch
+
+from kernels.hybrid_attention import BACKENDS, hybrid_attention_chunk, hybrid_attention_parallel
+from kernels.hybrid_attention.chunk import chunk_size
+from pipeline.hybrid.attention import resolve_backend
+from tests.assertions import assert_close
+from tests.kernels.test_hybrid_attention_reference import make_inputs, window_for
+
+# (B, H, Hkv, T, D, F, window_size): ragged lengths over several chunks, GQA ratios 1-3, a window
+# shorter than the chunk (sliding 24 in chunks of 64), one as long (64), one longer (128).
+SHAPES = [
+    pytest.param(1, 2, 2, 1, 16, 16, 64, id="T1"),
+    pytest.param(2, 4, 2, 200, 16, 16, 16, id="gqa2-T200-w16"),
+    pytest.param(1, 3, 1, 130, 32, 16, 64, id="gqa3-T130-w64"),
+    pytest.param(1, 2, 1, 300, 16, 32, 128, id="gqa2-T300-w128"),
+]
+MODES = ["hybrid", "window_only", "linear_only"]
+WINDOWS = ["sliding", "terrace"]
+
+
+def compare(inputs, window_size: int, window: str, ratio: float | None = None) -> None:
+    given = [x for x in inputs if x is not None]
+    ref = hybrid_attention_parallel(*inputs, window_size, window)
+    upstream = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, given, upstream, allow_unused=True)
+    out = hybrid_attention_chunk(*inputs, window_size, window)
+    grads = torch.autograd.grad(out, given, upstream, allow_unused=True)
+    assert_close("o", ref, out, ratio)
+    names = [n for n, x in zip(("dq", "dk", "dv", "dfq", "dfk", "dgamma"), inputs) if x is not None]
+    for name, r, g in zip(names, ref_grads, grads):
+        if r is None:  # q and k do not reach a linear-only output
+            assert g is None or not g.any(), f"{name}: nonzero gradient for an unused input"
+            continue
+        # dgamma sums B*T*w terms of both signs: fp32 summation order alone moves it by ~1e-4
+        assert_close(name, r, g, max(ratio or 0.0, 1e-3) if name == "dgamma" else ratio)
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("B,H,Hkv,T,D,F,w", SHAPES)
+def test_kernel_matches_reference_values_and_gradients(B, H, Hkv, T, D, F, w, mode, window):
+    compare(make_inputs(B, H, Hkv, T, D, F, mode), window_for(mode, w), window)
+
+
+def test_half_precision_inputs_accumulate_in_fp32():
+    inputs = make_inputs(1, 2, 1, 150, 32, 32, "hybrid", dtype=torch.float16)
+    compare(inputs, 64, "terrace", ratio=5e-3)
+
+
+def test_non_contiguous_queries_and_keys_are_read_in_place():
+    """The model hands over q, k, v as transposed views of [B,T,H,D]."""
+    q, k, v, fq, fk, gamma = make_inputs(1, 4, 2, 100, 16, 16, "hybrid")
+    views = [x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in (q, k, v)]
+    assert not views[0].is_contiguous()
+    compare([*views, fq, fk, gamma], 64, "sliding")
+
+
+@pytest.mark.parametrize("window,size", [("terrace", 48), ("sliding", 256)])
+def test_unsupported_windows_name_the_torch_backend(window, size):
+    inputs = make_inputs(1, 2, 2, 10, 16, 16, "hybrid")
+    with pytest.raises(ValueError, match="attention.backend: torch"):
+        hybrid_attention_chunk(*inputs, size, window)
+
+
+def test_head_dim_must_suit_the_kernel():
+    inputs = make_inputs(1, 2, 2, 10, 8, 16, "hybrid")
+    with pytest.raises(ValueError, match="head dim"):
+        hybrid_attention_chunk(*inputs, 64, "sliding")
+
+
+def test_chunk_covers_the_window():
+    assert chunk_size(64, "terrace") == 64 and chunk_size(24, "sliding") == 64 and chunk_size(128, "sliding") == 128
+    assert chunk_size(0, "sliding") == 64
+
+
+def test_auto_backend_is_the_kernel_on_cuda_and_torch_on_cpu():
+    assert BACKENDS["triton"] is hybrid_attention_chunk
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
