@@ -30,8 +30,9 @@ Measured = float | dict[str, float] | str | None  # a value, or why there is non
 
 
 def command_line() -> str:
-    """The command that ran, as `python -m benchmarks.<script> <args>` (scripts run as modules)."""
-    return " ".join(["python -m benchmarks." + Path(sys.argv[0]).stem, *map(shlex.quote, sys.argv[1:])])
+    """The command that ran, as `<python> -m benchmarks.<script> <args>` (scripts run as modules)."""
+    module = "benchmarks." + Path(sys.argv[0]).stem
+    return " ".join([Path(sys.executable).name, "-m", module, *map(shlex.quote, sys.argv[1:])])
 
 
 def module_version(name: str) -> str:
