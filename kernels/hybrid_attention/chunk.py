@@ -345,7 +345,7 @@ def _value_tile(batch_heads: int, head_dim: int, device: torch.device) -> int:
 def _meta(q, fq, window_size: int, terrace: bool, chunk: int) -> dict:
     D = q.shape[-1]
     return dict(H=q.shape[1], D=D, F=fq.shape[-1] if fq is not None else 16, C=chunk, WINDOW=window_size,
-                TERRACE=terrace, HAS_LINEAR=fq is not None, num_warps=4 if D <= 64 else 8)
+                TERRACE=terrace, HAS_LINEAR=fq is not None, num_warps=4 if D <= 64 else 8, num_stages=1)
 
 
 def hybrid_attention_chunk_fwd(q, k, v, fq, fk, gamma, window_size: int, terrace: bool, scale: float, chunk: int):
