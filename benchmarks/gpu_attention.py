@@ -225,8 +225,16 @@ def main() -> None:
             del x
             release_memory(device)
             print(f"done {shape_name} T={length}", flush=True)
+            path = write_result(args.out, "gpu_attention", report(args, device, dtype, copy_tb_s, rows))  # so far
 
-    result = {
+    print(f"wrote {path}; copy bandwidth {copy_tb_s:.2f} TB/s")
+    print(summary(rows))
+
+
+def report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, copy_tb_s: float,
+           rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The JSON document: written after every case, so a run cut short keeps what it measured."""
+    return {
         "environment": environment(device, extra_modules=("fla",)),
         "fla_import_error": FLA_ERROR,
         "settings": {"dtype": str(dtype), "window": args.window, "window_size": WINDOW_SIZE, "tokens": args.tokens,
@@ -240,9 +248,6 @@ def main() -> None:
         "published_reference_ms": PUBLISHED_REFERENCE_MS,
         "results": rows,
     }
-    path = write_result(args.out, "gpu_attention", result)
-    print(f"wrote {path}; copy bandwidth {copy_tb_s:.2f} TB/s")
-    print(summary(rows))
 
 
 def summary(rows: list[dict[str, Any]]) -> str:

@@ -101,7 +101,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     parser.add_argument("--lengths", nargs="+", type=int, default=[1000, 4096, 32768], help="bf16 cases")
-    parser.add_argument("--small-lengths", nargs="+", type=int, default=[200, 1024], help="fp32 cases")
+    parser.add_argument("--small-lengths", nargs="*", type=int, default=[200, 1024], help="fp32 cases")
     parser.add_argument("--poison-gib", type=float, default=8.0)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 cases on CPU")

@@ -437,6 +437,10 @@ def hybrid_attention_chunk(
                              "use attention.backend: torch")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.is_cuda and q.dtype == torch.float32:
+        # seen on an H100 (triton 3.6): fp32 tiles hit an illegal memory access in these kernels
+        raise ValueError("the triton backend takes bf16 or fp16 on CUDA, not fp32: cast the model or "
+                         "use attention.backend: torch")
     chunk = chunk_size(window_size, window)
     scale = D**-0.5 if scale is None else scale
     if fq is not None:
