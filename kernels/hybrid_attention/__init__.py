@@ -10,6 +10,9 @@ from .naive import hybrid_attention_naive, hybrid_attention_weights
 from .parallel import hybrid_attention_parallel
 from .recurrent import HybridState, hybrid_attention_recurrent, hybrid_attention_step, prefill_state
 from .windows import WINDOW_KINDS, window_kind
+# The decode step: fixed-size ring state (ring.py), PyTorch step and its fused Triton kernel.
+from .fused_recurrent import fused_recurrent_hybrid_attention
+from .ring import RingState, fill_ring_state, hybrid_attention_ring_step, ring_size
 
 BACKENDS: dict[str, Callable] = {"torch": hybrid_attention_parallel, "triton": hybrid_attention_chunk}
 
@@ -22,6 +25,19 @@ def hybrid_attention(q, k, v, fq, fk, gamma, window_size: int, window: str = "sl
     return BACKENDS[backend](q, k, v, fq, fk, gamma, window_size, window, scale)
 
 
+DECODE_BACKENDS: dict[str, Callable] = {"torch": hybrid_attention_ring_step, "triton": fused_recurrent_hybrid_attention}
+
+
+def hybrid_attention_decode(state: RingState, q, k, v, fq, fk, gamma, window_size: int, window: str = "sliding",
+                            scale: float | None = None, backend: str = "torch"):
+    """One decode step through the named backend; see `ring.hybrid_attention_ring_step` for the contract."""
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"unknown decode backend {backend!r}; known: {sorted(DECODE_BACKENDS)}")
+    return DECODE_BACKENDS[backend](state, q, k, v, fq, fk, gamma, window_size, window, scale)
+
+
 __all__ = ["BACKENDS", "HybridState", "WINDOW_KINDS", "hybrid_attention", "hybrid_attention_chunk", "hybrid_attention_naive", "hybrid_attention_weights",
            "hybrid_attention_parallel", "hybrid_attention_recurrent", "hybrid_attention_step",
            "prefill_state", "window_kind"]
+__all__ += ["DECODE_BACKENDS", "RingState", "fill_ring_state", "fused_recurrent_hybrid_attention",
+            "hybrid_attention_decode", "hybrid_attention_ring_step", "ring_size"]

@@ -1,0 +1,217 @@
+"""The decode step of hybrid attention as one Triton kernel (../shared/design/lolcats.md §7).
+
+Same function and state layout as `ring.hybrid_attention_ring_step` (the PyTorch step it is tested
+against): one launch per layer does, for every (row, query head),
+  1. keys leaving the window since the previous token -> S += fk v^T, z += fk (fp32),
+  2. the new key, value and feature-mapped key -> their ring slot,
+  3. y = (gamma sum_win e^{s - m} v + fq S) / (gamma sum_win e^{s - m} + fq z).
+Program (b, h) owns S[b,h], z[b,h] and ring_fk[b,h]; ring_k/v rows are shared by the query heads
+of one GQA group (read in place, never repeated), and only the group's first head writes the new
+key. The ring has one slot more than the window ever holds, so that write never lands on a slot
+another program of the same step still reads. The value dimension is walked in tiles of BV so S
+never sits whole in registers.
+
+Window kinds are intervals ending at the query: the window of position p starts at
+    sliding: p - w + 1        terrace: (p // w - 1) * w   (the previous w-block)
+so the keys leaving at step p are the positions [start(p-1), start(p)).
+
+Math is fp32: elementwise, plus exact ("ieee") fp32 dots when a terrace block of keys moves into S,
+so the kernel matches the PyTorch step and runs under TRITON_INTERPRET=1 on CPU. Inputs may be
+fp32, fp16 or bf16; S, z, ring_fk and every sum stay fp32.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .ring import RingState
+
+# Window kinds the kernel knows, as the constexpr it branches on.
+KERNEL_WINDOWS = {"sliding": 0, "terrace": 1}
+VALUE_TILE = 32  # BV: columns of S / v per inner step
+EVICT_ROWS = 16  # keys moved into S per dot when a terrace block leaves (tl.dot needs >= 16)
+
+
+@triton.jit
+def _window_start(p, W: tl.constexpr, TERRACE: tl.constexpr):
+    """First position inside the window of query position p (may be negative)."""
+    if TERRACE:
+        return (p // W - 1) * W
+    else:
+        return p - W + 1
+
+
+@triton.jit
+def _leaving_rows(ring, j0, j_end, R: tl.constexpr, ROW: tl.constexpr, offs, mask, EVICT: tl.constexpr):
+    """[EVICT, len(offs)] fp32: ring rows of positions j0 .. j0+EVICT-1 below j_end (zeros past it)."""
+    rows = j0 + tl.arange(0, EVICT)
+    ok = rows < j_end
+    return tl.load(ring + (rows % R)[:, None] * ROW + offs[None, :], mask=ok[:, None] & mask[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _decode_step_kernel(
+    q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gamma_ptr, pos_ptr,
+    kv_state_ptr, k_state_ptr, ring_k_ptr, ring_v_ptr, ring_fk_ptr, y_ptr,
+    scale,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, R: tl.constexpr,
+    W: tl.constexpr, TERRACE: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr,
+    BF: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, EVICT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    hk = h // (H // HKV)
+    writes_kv = (h % (H // HKV)) == 0  # the GQA group's first head stores the new key/value
+    p = tl.load(pos_ptr + b)  # position of the new token in this row
+    slot_new = p % R
+
+    q_row = q_ptr + (b * H + h) * D
+    k_row = k_ptr + (b * HKV + hk) * D
+    v_row = v_ptr + (b * HKV + hk) * D
+    ring_k = ring_k_ptr + (b * HKV + hk) * R * D
+    ring_v = ring_v_ptr + (b * HKV + hk) * R * D
+    ring_fk = ring_fk_ptr + (b * H + h) * R * F
+    kv_state = kv_state_ptr + (b * H + h) * F * D
+    offs_c = tl.arange(0, BC)
+    offs_f = tl.arange(0, BF)
+    mask_f = offs_f < F
+
+    den = tl.zeros([], dtype=tl.float32)
+    if W > 0:
+        # window scores: the old keys still inside, positions start .. p-1 (at slots j % R), then the new key
+        start = tl.maximum(_window_start(p, W, TERRACE), 0)
+        held = start + offs_c
+        in_window = held < p
+        slots = held % R
+        s = tl.zeros([BC], dtype=tl.float32)
+        s_new = tl.zeros([], dtype=tl.float32)
+        for d0 in tl.static_range(0, D, BV):
+            offs_d = d0 + tl.arange(0, BV)
+            mask_d = offs_d < D
+            q_d = tl.load(q_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            k_d = tl.load(k_row + offs_d, mask=mask_d, other=0.0)
+            k_old = tl.load(ring_k + slots[:, None] * D + offs_d[None, :],
+                            mask=in_window[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            s += tl.sum(k_old * q_d[None, :], axis=1)
+            s_new += tl.sum(k_d.to(tl.float32) * q_d)
+            tl.store(ring_k + slot_new * D + offs_d, k_d.to(ring_k_ptr.dtype.element_ty), mask=mask_d & writes_kv)
+        s = tl.where(in_window, s * scale, float("-inf"))
+        s_new = s_new * scale
+        m = tl.maximum(tl.max(s, axis=0), s_new)
+        g = 1.0
+        if HAS_GAMMA:
+            g = tl.load(gamma_ptr + h).to(tl.float32)
+        a = tl.where(in_window, tl.exp(s - m), 0.0) * g  # [BC]
+        a_new = tl.exp(s_new - m) * g
+        den += tl.sum(a, axis=0) + a_new
+        # positions leaving the window at this step (none at p = 0)
+        leave_from = tl.maximum(_window_start(p - 1, W, TERRACE), 0)
+        leave_to = tl.where(p > 0, tl.maximum(_window_start(p, W, TERRACE), 0), 0)
+    if HAS_LINEAR:
+        fq = tl.load(fq_ptr + (b * H + h) * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
+        fk_new = tl.load(fk_ptr + (b * H + h) * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
+        z = tl.load(k_state_ptr + (b * H + h) * F + offs_f, mask=mask_f, other=0.0)
+        if W > 0:
+            for j0 in range(leave_from, leave_to, EVICT):
+                fk_block = _leaving_rows(ring_fk, j0, leave_to, R, F, offs_f, mask_f, EVICT)  # [EVICT,BF]
+                z += tl.sum(fk_block, axis=0)
+            tl.store(ring_fk + slot_new * F + offs_f, fk_new, mask=mask_f)
+        else:  # linear-only: the new key is linear for its own query
+            z += fk_new
+        tl.store(k_state_ptr + (b * H + h) * F + offs_f, z, mask=mask_f)
+        den += tl.sum(fq * z, axis=0)
+
+    for v0 in tl.static_range(0, D, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        mask_v = offs_v < D
+        v_new = tl.load(v_row + offs_v, mask=mask_v, other=0.0)
+        num = tl.zeros([BV], dtype=tl.float32)
+        if W > 0:
+            v_window = tl.load(ring_v + slots[:, None] * D + offs_v[None, :],
+                               mask=in_window[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
+            num += tl.sum(a[:, None] * v_window, axis=0) + a_new * v_new.to(tl.float32)
+        if HAS_LINEAR:
+            state = tl.load(kv_state + offs_f[:, None] * D + offs_v[None, :],
+                            mask=mask_f[:, None] & mask_v[None, :], other=0.0)  # [BF,BV] fp32
+            if W > 0:
+                if leave_to - leave_from == 1:  # sliding windows: one key a step, an outer product
+                    fk_leaving = tl.load(ring_fk + (leave_from % R) * F + offs_f, mask=mask_f, other=0.0)
+                    v_leaving = tl.load(ring_v + (leave_from % R) * D + offs_v, mask=mask_v, other=0.0)
+                    state += fk_leaving[:, None] * v_leaving.to(tl.float32)[None, :]
+                else:  # terrace windows: a whole block, EVICT keys per exact fp32 dot
+                    for j0 in range(leave_from, leave_to, EVICT):
+                        fk_block = _leaving_rows(ring_fk, j0, leave_to, R, F, offs_f, mask_f, EVICT)
+                        v_block = _leaving_rows(ring_v, j0, leave_to, R, D, offs_v, mask_v, EVICT)
+                        state += tl.dot(tl.trans(fk_block), v_block, input_precision="ieee")
+            else:
+                state += fk_new[:, None] * v_new.to(tl.float32)[None, :]
+            tl.store(kv_state + offs_f[:, None] * D + offs_v[None, :], state, mask=mask_f[:, None] & mask_v[None, :])
+            num += tl.sum(fq[:, None] * state, axis=0)
+        if W > 0:  # after every read of the leaving keys' values
+            tl.store(ring_v + slot_new * D + offs_v, v_new.to(ring_v_ptr.dtype.element_ty), mask=mask_v & writes_kv)
+        tl.store(y_ptr + (b * H + h) * D + offs_v, (num / den).to(y_ptr.dtype.element_ty), mask=mask_v)
+
+
+def _decode_step_fwd(state: RingState, q, k, v, fq, fk, gamma, window_size: int, window: str,
+                     scale: float) -> torch.Tensor:
+    B, H, D = q.shape
+    Hkv, R, F = k.shape[1], state.ring_k.shape[2], state.kv_state.shape[2]
+    linear = fq is not None
+    y = torch.empty_like(q)
+    dummy = q  # for tensors a mode never reads (they may be empty, and CUDA refuses null pointers)
+    linear_args = (fq, fk, state.kv_state, state.k_state, state.ring_fk) if linear else (dummy,) * 5
+    _decode_step_kernel[(B * H,)](
+        q, k, v, *linear_args[:2], gamma if gamma is not None else dummy,
+        state.positions, *linear_args[2:4], state.ring_k, state.ring_v, linear_args[4], y,
+        scale,
+        H=H, HKV=Hkv, D=D, F=F, R=R, W=window_size, TERRACE=KERNEL_WINDOWS[window] == 1,
+        HAS_LINEAR=linear, HAS_GAMMA=gamma is not None,
+        BF=max(16, triton.next_power_of_2(max(F, 1))), BC=max(16, triton.next_power_of_2(R - 1)),
+        BV=min(VALUE_TILE, max(16, triton.next_power_of_2(D))), EVICT=EVICT_ROWS, num_warps=8,
+    )
+    return y
+
+
+def _check_step_inputs(state: RingState, q, k, v, fq, fk, gamma, window: str) -> None:
+    if window not in KERNEL_WINDOWS:
+        raise ValueError(f"the fused decode step knows window kinds {sorted(KERNEL_WINDOWS)}; got {window!r}")
+    B, H, D = q.shape
+    Hkv = state.ring_k.shape[1]
+    if k.shape != (B, Hkv, D) or v.shape != k.shape or H % Hkv:
+        raise ValueError(f"expected q [B,H,D], k, v [B,Hkv,D] with Hkv={Hkv} dividing H; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    F = state.kv_state.shape[2]
+    if (fq is None) != (fk is None) or (fq is not None and (fq.shape != (B, H, F) or fk.shape != fq.shape)):
+        raise ValueError(f"expected fq, fk [B,H,F]=[{B},{H},{F}] (or both None); got "
+                         f"{None if fq is None else tuple(fq.shape)}, {None if fk is None else tuple(fk.shape)}")
+    if state.kv_state.dtype != torch.float32 or state.ring_fk.dtype != torch.float32:
+        raise ValueError("S, z and ring_fk must be fp32")
+    if gamma is not None and gamma.shape != (H,):
+        raise ValueError(f"expected gamma [H]={H}; got {tuple(gamma.shape)}")
+    tensors = [t for t in (q, k, v, fq, fk, gamma, *state.tensors()) if t is not None]
+    if any(not t.is_contiguous() for t in state.tensors()):
+        raise ValueError("the ring state must be contiguous")
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"all tensors must be on one device; got {sorted({str(t.device) for t in tensors})}")
+
+
+def fused_recurrent_hybrid_attention(
+    state: RingState,
+    q: torch.Tensor,  # [B,H,D] the new token's query (fp32, fp16 or bf16)
+    k: torch.Tensor,  # [B,Hkv,D]
+    v: torch.Tensor,  # [B,Hkv,D]
+    fq: torch.Tensor | None,  # [B,H,F], None for window-only
+    fk: torch.Tensor | None,  # [B,H,F]
+    gamma: torch.Tensor | None,  # [H], None means 1
+    window_size: int,  # w; 0 = linear-only
+    window: str = "sliding",
+    scale: float | None = None,
+) -> torch.Tensor:  # y [B,H,D] in q's dtype; `state` (S, z, rings, positions) advanced in place
+    """Decode one token per row in one kernel launch; the arguments of `hybrid_attention_ring_step`."""
+    _check_step_inputs(state, q, k, v, fq, fk, gamma, window)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    contiguous = [t.contiguous() if t is not None else None for t in (q, k, v, fq, fk, gamma)]
+    y = _decode_step_fwd(state, *contiguous, window_size, window, scale)
+    state.positions += 1
+    return y

@@ -1,0 +1,116 @@
+"""The decode step in fixed-size buffers (../shared/design/lolcats.md §7).
+
+The PyTorch ring step is held to the recurrent form of `recurrent.py` (rows at different
+positions, as left padding leaves them); the fused Triton kernel (TRITON_INTERPRET=1 on CPU) is
+held to the PyTorch ring step on outputs and on every state tensor, over steps that evict keys
+into S (one per token for sliding windows, a whole block for terrace windows).
+"""
+import pytest
+import torch
+
+from kernels.hybrid_attention import (RingState, fill_ring_state, fused_recurrent_hybrid_attention,
+                                      hybrid_attention_recurrent, hybrid_attention_ring_step, ring_size)
+from tests.assertions import TOLERANCE, assert_close
+
+# (B, H, Hkv, D, F, window_size, prompt length, decode steps)
+SHAPES = [
+    pytest.param(2, 4, 2, 8, 6, 4, 3, 7, id="gqa2-w4-short-prompt"),
+    pytest.param(1, 3, 1, 16, 12, 4, 10, 7, id="gqa3-w4-long-prompt"),
+    pytest.param(1, 4, 1, 128, 128, 16, 33, 2, id="gqa4-d128-f128"),
+    pytest.param(1, 2, 1, 64, 128, 8, 17, 2, id="d64-f128"),
+]
+MODES = ["hybrid", "window_only", "linear_only"]
+WINDOWS = ["sliding", "terrace"]
+
+
+def make_inputs(B, H, Hkv, T, D, F, mode, dtype=torch.float32):
+    """q, k, v, fq, fk, gamma over T tokens; positive features as every feature map gives."""
+    q, k, v = torch.randn(B, H, T, D, dtype=dtype), torch.randn(B, Hkv, T, D, dtype=dtype), torch.randn(B, Hkv, T, D, dtype=dtype)
+    fq = torch.rand(B, H, T, F) + 0.05 if mode != "window_only" else None
+    fk = torch.rand(B, H, T, F) + 0.05 if mode != "window_only" else None
+    gamma = torch.rand(H) * 0.8 + 0.1 if mode == "hybrid" else None
+    return q, k, v, fq, fk, gamma
+
+
+def at(x: torch.Tensor | None, t: int) -> torch.Tensor | None:
+    return None if x is None else x[:, :, t]
+
+
+def token_per_row(x: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    """[B,heads,T,X] -> [B,heads,X]: row b's token at index[b]."""
+    return None if x is None else x[torch.arange(x.shape[0]), :, index]
+
+
+def prefilled(q, k, v, fq, fk, window_size, window, prompt) -> RingState:
+    B, H, _, D = q.shape
+    state = RingState.empty(B, H, k.shape[1], D, 0 if fk is None else fk.shape[-1], ring_size(window_size, window),
+                            dtype=k.dtype)
+    fill_ring_state(state, torch.arange(B), k[:, :, :prompt], v[:, :, :prompt], None if fk is None else fk[:, :, :prompt],
+                    window_size, window)
+    return state
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("mode", MODES)
+def test_ring_step_follows_the_recurrent_form_with_rows_at_different_positions(mode, window):
+    """Row 0 has a 9-token prompt, row 1 a 2-token one (left padding leaves rows like that)."""
+    H, Hkv, D, F, w, steps = 4, 2, 8, 6, 4, 9
+    window_size = 0 if mode == "linear_only" else w
+    prompts = [9, 2]
+    q, k, v, fq, fk, gamma = make_inputs(2, H, Hkv, max(prompts) + steps, D, F, mode)
+    state = RingState.empty(2, H, Hkv, D, 0 if fk is None else F, ring_size(window_size, window))
+    for row, prompt in enumerate(prompts):
+        rows = torch.tensor([row])
+        fill_ring_state(state, rows, k[rows, :, :prompt], v[rows, :, :prompt],
+                        None if fk is None else fk[rows, :, :prompt], window_size, window)
+    ys = []
+    for step in range(steps):
+        index = torch.tensor(prompts) + step  # each row's own next token
+        ys.append(hybrid_attention_ring_step(state, *(token_per_row(x, index) for x in (q, k, v, fq, fk)), gamma,
+                                             window_size, window))
+    for row, prompt in enumerate(prompts):
+        row_inputs = [None if x is None else x[row:row + 1, :, :prompt + steps] for x in (q, k, v, fq, fk)]
+        reference, _ = hybrid_attention_recurrent(*row_inputs, gamma, window_size, window)
+        got = torch.stack([y[row] for y in ys], dim=1)  # [H,steps,D]
+        assert_close(f"row {row} y", reference[0, :, prompt:], got)
+    assert state.positions.tolist() == [p + steps for p in prompts]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("B,H,Hkv,D,F,w,prompt,steps", SHAPES)
+def test_fused_kernel_matches_the_torch_step(B, H, Hkv, D, F, w, prompt, steps, mode, window):
+    window_size = 0 if mode == "linear_only" else w
+    q, k, v, fq, fk, gamma = make_inputs(B, H, Hkv, prompt + steps, D, F, mode)
+    reference = prefilled(q, k, v, fq, fk, window_size, window, prompt)
+    fused = RingState(*(t.clone() for t in reference.tensors()))
+    for t in range(prompt, prompt + steps):
+        args = (at(q, t), at(k, t), at(v, t), at(fq, t), at(fk, t), gamma, window_size, window)
+        assert_close(f"y at {t}", hybrid_attention_ring_step(reference, *args), fused_recurrent_hybrid_attention(fused, *args))
+    for name in ("kv_state", "k_state", "ring_k", "ring_v", "ring_fk"):
+        assert_close(name, getattr(reference, name), getattr(fused, name))
+    assert torch.equal(reference.positions, fused.positions)
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_fused_kernel_in_bfloat16(window):
+    """bf16 q/k/v and ring, fp32 state: the kernel rounds only where the PyTorch step does."""
+    B, H, Hkv, D, F, w, prompt, steps = 2, 4, 2, 16, 8, 4, 7, 6
+    q, k, v, fq, fk, gamma = make_inputs(B, H, Hkv, prompt + steps, D, F, "hybrid", dtype=torch.bfloat16)
+    reference = prefilled(q, k, v, fq, fk, w, window, prompt)
+    fused = RingState(*(t.clone() for t in reference.tensors()))
+    for t in range(prompt, prompt + steps):
+        args = (at(q, t), at(k, t), at(v, t), at(fq, t), at(fk, t), gamma, w, window)
+        y_ref, y_fused = hybrid_attention_ring_step(reference, *args), fused_recurrent_hybrid_attention(fused, *args)
+        assert y_fused.dtype == torch.bfloat16
+        assert_close(f"y at {t}", y_ref, y_fused, TOLERANCE[torch.bfloat16])
+    assert_close("kv_state", reference.kv_state, fused.kv_state, TOLERANCE[torch.float16])
+
+
+def test_fused_kernel_names_what_it_does_not_know():
+    q, k, v, fq, fk, gamma = make_inputs(1, 2, 1, 1, 8, 4, "hybrid")
+    state = RingState.empty(1, 2, 1, 8, 4, ring_size(4, "sliding"))
+    with pytest.raises(ValueError, match="window kinds"):
+        fused_recurrent_hybrid_attention(state, at(q, 0), at(k, 0), at(v, 0), at(fq, 0), at(fk, 0), gamma, 4, "dilated")
+    with pytest.raises(ValueError, match=r"expected q \[B,H,D\]"):
+        fused_recurrent_hybrid_attention(state, at(q, 0), at(q, 0), at(v, 0), at(fq, 0), at(fk, 0), gamma, 4, "sliding")
