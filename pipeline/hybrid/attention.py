@@ -4,8 +4,10 @@
 of every decoder layer and registers `hybrid_attention_forward` with transformers'
 `AttentionInterface`; the model's own attention then hands over post-RoPE q [B,H,T,D] and
 un-repeated k, v [B,Hkv,T,D], and gets [B,T,H,D] back, like any attention implementation.
+With a `HybridCache` (cache.py) the call is routed to the cache's constant-memory prefill/decode.
 """
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -17,12 +19,12 @@ from .config import HybridConfig
 from .feature_maps import FEATURE_MAPS
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """`auto` picks the Triton kernel on CUDA when one is registered, PyTorch otherwise."""
+def resolve_backend(requested: str, device: torch.device, registry: dict[str, Callable] = BACKENDS) -> str:
+    """`auto` picks the Triton kernel on CUDA when `registry` has one, PyTorch otherwise."""
     if requested == "auto":
-        return "triton" if device.type == "cuda" and "triton" in BACKENDS else "torch"
-    if requested not in BACKENDS:
-        raise ValueError(f"attention.backend: {requested!r} is not available here; available: {sorted(BACKENDS)}")
+        return "triton" if device.type == "cuda" and "triton" in registry else "torch"
+    if requested not in registry:
+        raise ValueError(f"attention.backend: {requested!r} is not available here; available: {sorted(registry)}")
     return requested
 
 
@@ -48,6 +50,12 @@ class HybridAttention(nn.Module):
         if config.uses_window and config.uses_linear:  # gamma cancels out of a window-only softmax
             self.window_factors = nn.Parameter(torch.full((num_heads,), config.init_window_factor))
         self.transfer: TransferLosses | None = None  # set by pipeline.transfer while training
+        self.cache = None  # the HybridCache of the current forward, shown by a hook of `linearize`
+
+    @property
+    def state_feature_dim(self) -> int:
+        """F of the recurrent state: phi's width, 0 when the linear branch is off."""
+        return self.feature_map_k.output_dim if self.config.uses_linear else 0
 
     def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """phi_q(q), phi_k(repeat_kv(k)): [B,H,T,F] each, or None when the linear branch is off."""
@@ -92,13 +100,19 @@ class HybridAttention(nn.Module):
         return -(teacher * student.clamp(min=1e-12).log()).sum(-1).mean()
 
 
+def real_keys(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B,1,Tq,Tk] mask (bool, or additive float) -> [B,Tk] bool: which keys are tokens, not padding."""
+    if attention_mask is None:
+        return None
+    keys_visible = attention_mask[:, 0, -1, :]  # the last query sees every real key
+    return keys_visible if keys_visible.dtype == torch.bool else keys_visible == 0
+
+
 def _check_padding(attention_mask: torch.Tensor | None) -> None:
     """Only right padding is harmless to a causal layer that ignores the mask; refuse the rest."""
-    if attention_mask is None:
+    keys_visible = real_keys(attention_mask)
+    if keys_visible is None:
         return
-    keys_visible = attention_mask[:, 0, -1, :]  # [B,Tk]: the last query sees every real key
-    if keys_visible.dtype != torch.bool:
-        keys_visible = keys_visible == 0
     if (keys_visible[:, 1:] & ~keys_visible[:, :-1]).any():
         raise ValueError("hybrid attention does not support left padding or packed masks: "
                          "pad on the right (tokenizer.padding_side = 'right') or use batch size 1")
@@ -109,14 +123,18 @@ def hybrid_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
                              scaling: float | None = None, dropout: float = 0.0, **kwargs):
     """transformers attention-interface entry: q [B,H,Tq,D], k, v [B,Hkv,Tk,D] -> ([B,Tq,H,D], None).
 
+    With a `HybridCache` the cache computes the output from its state (prefill or decode step).
     With the stock KV cache a decode step brings Tq < Tk (queries are the last Tq positions): the
     parallel form then runs over all Tk positions with zero queries in front, and keeps the last Tq.
-    Constant-cost decoding needs the hybrid cache instead.
     """
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if module.hybrid.cache is not None:
+        layer = module.hybrid.cache.layers[module.layer_idx]
+        y = layer.attend(module.hybrid, query, key, value, real_keys(attention_mask), scale)  # [B,H,Tq,D]
+        return y.transpose(1, 2).contiguous(), None
     _check_padding(attention_mask)
     q_len, k_len = query.shape[2], key.shape[2]
     if q_len < k_len:
         query = torch.nn.functional.pad(query, (0, 0, k_len - q_len, 0))
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     y = module.hybrid(query, key, value, scale)[:, :, k_len - q_len:]  # [B,H,Tq,D]
     return y.transpose(1, 2).contiguous(), None

@@ -4,6 +4,8 @@
 `hybrid_attention_forward` with transformers' `AttentionInterface` (plus a mask builder, without
 which transformers passes no mask), attaches a `HybridAttention` to each attention module as
 `self_attn.hybrid`, freezes everything else, and switches the model's attention implementation.
+A forward pre-hook on each attention module shows its `hybrid` the `HybridCache` of the current
+call (transformers does not pass the cache to attention functions; see cache.py).
 A linearized model is saved as its new weights only (safetensors) plus `hybrid_config.json`.
 """
 import json
@@ -17,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ..io import atomic_write, atomic_write_json, file_digest
 from ..teacher import load_teacher
 from .attention import HybridAttention, hybrid_attention_forward
+from .cache import HybridCache
 from .config import HybridConfig
 
 ATTN_IMPLEMENTATION = "lolcats_hybrid"
@@ -37,6 +40,15 @@ def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
     return [m for name, m in model.named_modules() if name.endswith(".self_attn")]
 
 
+def _show_cache(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    cache = kwargs.get("past_key_values")
+    module.hybrid.cache = cache if isinstance(cache, HybridCache) else None
+
+
+def _hide_cache(module: torch.nn.Module, args: tuple, kwargs: dict, output) -> None:
+    module.hybrid.cache = None  # no reference to the cache outlives the call
+
+
 def linearize(model: PreTrainedModel, config: HybridConfig) -> PreTrainedModel:
     """Swap in place; afterwards only feature maps and window factors require grad."""
     model_type = model.config.model_type
@@ -50,6 +62,8 @@ def linearize(model: PreTrainedModel, config: HybridConfig) -> PreTrainedModel:
     for module in attention_modules(model):
         # fp32 masters for the new weights whatever the model dtype ([ours], spec §2)
         module.hybrid = HybridAttention(config, num_heads, head_dim).to(device=device, dtype=torch.float32)
+        module.register_forward_pre_hook(_show_cache, with_kwargs=True)
+        module.register_forward_hook(_hide_cache, with_kwargs=True, always_call=True)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
 
