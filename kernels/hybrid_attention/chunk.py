@@ -337,7 +337,8 @@ def _value_tile(batch_heads: int, head_dim: int, device: torch.device) -> int:
     """Split the value dim across programs only when batch x heads alone cannot fill the GPU."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     tile = head_dim
-    while tile > 32 and batch_heads * (head_dim // tile) < 2 * sms:
+    # never below 64: value tiles of 32 met illegal memory accesses on an H100 (triton 3.6)
+    while tile > 64 and batch_heads * (head_dim // tile) < 2 * sms:
         tile //= 2
     return tile
 
@@ -345,7 +346,7 @@ def _value_tile(batch_heads: int, head_dim: int, device: torch.device) -> int:
 def _meta(q, fq, window_size: int, terrace: bool, chunk: int) -> dict:
     D = q.shape[-1]
     return dict(H=q.shape[1], D=D, F=fq.shape[-1] if fq is not None else 16, C=chunk, WINDOW=window_size,
-                TERRACE=terrace, HAS_LINEAR=fq is not None, num_warps=4 if D <= 64 else 8, num_stages=1)
+                TERRACE=terrace, HAS_LINEAR=fq is not None, num_warps=8, num_stages=1)
 
 
 def hybrid_attention_chunk_fwd(q, k, v, fq, fk, gamma, window_size: int, terrace: bool, scale: float, chunk: int):
