@@ -327,6 +327,13 @@ def _bwd_key_kernel(
             tl.store(dfk_ptr + j[:, None] * sft + f[None, :], dfk.to(DFK.dtype.element_ty), mask=k_ok[:, None])
 
 
+def check_dtype(device: torch.device, dtype: torch.dtype) -> None:
+    if device.type == "cuda" and dtype == torch.float32:
+        # seen on an H100 (triton 3.6): fp32 tiles hit an illegal memory access in these kernels
+        raise ValueError("the triton backend takes bf16 or fp16 on CUDA, not fp32: cast the model or "
+                         "use attention.backend: torch")
+
+
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     """(batch, head, time) strides of a [B,H,T,X] tensor whose last dim is contiguous."""
     assert x.stride(-1) == 1, "the last dim must be contiguous"
@@ -438,10 +445,7 @@ def hybrid_attention_chunk(
                              "use attention.backend: torch")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.is_cuda and q.dtype == torch.float32:
-        # seen on an H100 (triton 3.6): fp32 tiles hit an illegal memory access in these kernels
-        raise ValueError("the triton backend takes bf16 or fp16 on CUDA, not fp32: cast the model or "
-                         "use attention.backend: torch")
+    check_dtype(q.device, q.dtype)
     chunk = chunk_size(window_size, window)
     scale = D**-0.5 if scale is None else scale
     if fq is not None:

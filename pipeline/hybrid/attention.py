@@ -19,10 +19,15 @@ from .config import HybridConfig
 from .feature_maps import FEATURE_MAPS
 
 
-def resolve_backend(requested: str, device: torch.device, registry: dict[str, Callable] = BACKENDS) -> str:
-    """`auto` picks the Triton kernel on CUDA when `registry` has one, PyTorch otherwise."""
+def resolve_backend(requested: str, device: torch.device, registry: dict[str, Callable] = BACKENDS,
+                    dtype: torch.dtype | None = None) -> str:
+    """`auto` picks the Triton kernel on CUDA when `registry` has one, PyTorch otherwise.
+
+    Given the inputs' dtype, `auto` keeps fp32 on PyTorch: the chunk kernels take bf16/fp16 on CUDA.
+    """
     if requested == "auto":
-        return "triton" if device.type == "cuda" and "triton" in registry else "torch"
+        usable = device.type == "cuda" and "triton" in registry and dtype != torch.float32
+        return "triton" if usable else "torch"
     if requested not in registry:
         raise ValueError(f"attention.backend: {requested!r} is not available here; available: {sorted(registry)}")
     return requested
@@ -75,15 +80,17 @@ class HybridAttention(nn.Module):
         left in `self.transfer`.
         """
         fq, fk = self.features(q, k)
-        backend = resolve_backend(self.config.backend, q.device)
+        backend = resolve_backend(self.config.backend, q.device, dtype=q.dtype)
         gamma = self.gamma()
         y = hybrid_attention(q, k, v, fq, fk, gamma, self.config.effective_window_size,
                              self.config.window, scale, backend)
         if self.transfer is None:
             return y
         with torch.no_grad():
-            teacher = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
-                                                     scale=scale, enable_gqa=True)  # [B,H,T,D]
+            # in the model's dtype: bf16 on a GPU takes the flash kernel, fp32 GQA would fall back to
+            # the math kernel and its T x T matrix
+            teacher = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                     enable_gqa=True).float()  # [B,H,T,D]
         self.transfer.mse = F.mse_loss(y.float(), teacher)  # per-head outputs before o_proj
         if self.transfer.with_xent:
             self.transfer.xent = self._attention_xent(q, k, fq, fk, gamma, scale)

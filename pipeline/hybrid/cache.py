@@ -146,7 +146,7 @@ class HybridCacheLayer(CacheLayerMixin):
         config = hybrid.config
         fq, fk = hybrid.features(q, k)
         y = hybrid_attention(q, k, v, fq, fk, hybrid.gamma(), config.effective_window_size, config.window, scale,
-                             resolve_backend(config.backend, q.device))
+                             resolve_backend(config.backend, q.device, dtype=q.dtype))
         fill_ring_state(self.state, rows, k.detach(), v.detach(), None if fk is None else fk.detach(),
                         config.effective_window_size, config.window)
         return y

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels.hybrid_attention import BACKENDS, hybrid_attention_chunk, hybrid_attention_parallel
-from kernels.hybrid_attention.chunk import chunk_size
+from kernels.hybrid_attention.chunk import check_dtype, chunk_size
 from pipeline.hybrid.attention import resolve_backend
 from tests.assertions import assert_close
 from tests.kernels.test_hybrid_attention_reference import make_inputs, window_for
@@ -84,3 +84,12 @@ def test_auto_backend_is_the_kernel_on_cuda_and_torch_on_cpu():
     assert BACKENDS["triton"] is hybrid_attention_chunk
     assert resolve_backend("auto", torch.device("cuda")) == "triton"
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cuda"), dtype=torch.bfloat16) == "triton"
+    assert resolve_backend("auto", torch.device("cuda"), dtype=torch.float32) == "torch"  # refused there
+
+
+def test_fp32_on_cuda_is_refused_with_the_fix():
+    check_dtype(torch.device("cuda"), torch.bfloat16)
+    check_dtype(torch.device("cpu"), torch.float32)  # the interpreter runs fp32 fine
+    with pytest.raises(ValueError, match="attention.backend: torch"):
+        check_dtype(torch.device("cuda"), torch.float32)
