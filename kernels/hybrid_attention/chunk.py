@@ -23,8 +23,6 @@ reference's amax (ties, which random data never produce, go to one key instead o
 Dots take operands in the input dtype (bf16/fp16 on GPU) and accumulate in fp32; S, z, dS, dz,
 normalisers and maxima are fp32. fp32 inputs use tf32 dots on GPU and exact ones in the interpreter.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
