@@ -21,7 +21,7 @@ from kernels.hybrid_attention import hybrid_attention
 
 from .attention_inputs import SHAPES, SMOKE_SHAPES, WINDOW_SIZE, HybridInputs, random_inputs, \
     triton_runs_on
-from .gpu_common import DEFAULT_OUT, environment, format_table, guarded, release_memory, write_result
+from .gpu_common import DEFAULT_OUT, environment, format_table, guarded, relative_error, release_memory, write_result
 
 # ||x - ref|| / ||ref|| allowed per tensor. bf16: inputs, dot operands and outputs carry 8 mantissa
 # bits (~4e-3 per value). fp32: Triton's fp32 tl.dot defaults to tf32 (10 bits) on NVIDIA GPUs.
@@ -69,12 +69,6 @@ def output_and_grads(x: HybridInputs, upstream: torch.Tensor, window: str, backe
     o = hybrid_attention(x.q, x.k, x.v, x.fq, x.fk, x.gamma, WINDOW_SIZE, window, x.scale, backend)
     grads = torch.autograd.grad(o, x.leaves(), upstream)
     return [o.detach(), *grads]
-
-
-def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / ||ref||; ||x|| where ref is exactly zero (an input that cannot reach the output)."""
-    difference, size = (x.double() - ref.double()).norm(), ref.double().norm()
-    return (difference / size if size > 0 else difference).item()
 
 
 def check(case: Case, candidate: str, device: torch.device, poison_gib: float) -> dict:
