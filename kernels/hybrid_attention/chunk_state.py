@@ -1,0 +1,164 @@
+"""The running linear states of the chunked Triton kernels, one per chunk, for `chunk.py`.
+
+The only sequential part of chunked hybrid attention is the linear state; everything else is local
+to a chunk and its predecessor. These scans walk the chunks once, each program owning an [BF,BV]
+tile of the state of one (b, h), and store every chunk's state, so the kernels of `chunk.py` run
+one program per (chunk, b, h) in parallel. The scans are bound by writing the states (they are
+as large as q); splitting long sequences into segments with a prefix over segment sums was tried
+and measured no faster on an H100 (it reads the inputs twice).
+
+  forward:  S_n = sum over key chunks <= n-2 of fk^T v  [F,D],  z_n = sum fk  [F]
+  backward: dS_m = sum over query chunks >= m+2 of fq^T do/den  [F,D],
+            dz_m = sum fq delta/den  [F]  (delta = do . o per query)
+
+S and dS are stored in the input dtype: they only ever enter a dot in that dtype, as the sums are
+accumulated in fp32 registers. z and dz stay fp32; they enter normalisers.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# The state tile of one scan program: F and D split in 64s, so a 128 x 128 state runs four programs.
+STATE_TILE = 64
+# Launch settings of the scans: their loop loads the next chunk while the state update runs.
+SCAN_WARPS, SCAN_STAGES = 4, 2
+
+
+@triton.jit
+def _state_fwd_kernel(
+    FK, V, STATES, ZS,
+    sfb, sfh, sft, svb, svh, svt,
+    T,
+    H: tl.constexpr, GROUP: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+    BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+):
+    """Program (F tile, D tile, (b, h)) walks the chunks forward, storing each chunk's S and z."""
+    pid_f, pid_v, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    fk_ptr = FK + b * sfb + h * sfh
+    v_ptr = V + b * svb + (h // GROUP) * svh
+    N = tl.cdiv(T, C)
+    states = STATES + pid_bh.to(tl.int64) * N * F * D
+    zs = ZS + pid_bh.to(tl.int64) * N * F
+    DT = STATES.dtype.element_ty
+
+    r = tl.arange(0, C)
+    f = pid_f * BF + tl.arange(0, BF)
+    dv = pid_v * BV + tl.arange(0, BV)
+    z_mask = (f < F) & (pid_v == 0)  # one program per F tile writes z
+    S = tl.zeros([BF, BV], dtype=tl.float32)
+    z = tl.zeros([BF], dtype=tl.float32)
+    for n in range(0, N):
+        tl.store(states + n * F * D + f[:, None] * D + dv[None, :], S.to(DT))
+        tl.store(zs + n * F + f, z, mask=z_mask)
+        # chunk n-1 joins the state: it is beyond the window of every query from chunk n+1 on
+        jp = (n - 1) * C + r
+        p_ok = jp >= 0
+        fk = tl.load(fk_ptr + jp[:, None] * sft + f[None, :], mask=p_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + jp[:, None] * svt + dv[None, :], mask=p_ok[:, None], other=0.0)
+        S += tl.dot(tl.trans(fk.to(DT)), v)
+        z += tl.sum(fk.to(tl.float32), 0)
+
+
+@triton.jit
+def _state_bwd_kernel(
+    FQ, DO, DEN, DELTA, DSTATES, DZS,
+    sfb, sfh, sft, sob, soh, sot,
+    T,
+    H: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
+    BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+):
+    """As `_state_fwd_kernel`, walking the chunks from the last down."""
+    pid_f, pid_v, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    fq_ptr = FQ + b * sfb + h * sfh
+    do_ptr = DO + b * sob + h * soh
+    stat = pid_bh.to(tl.int64) * T
+    N = tl.cdiv(T, C)
+    dstates = DSTATES + pid_bh.to(tl.int64) * N * F * D
+    dzs = DZS + pid_bh.to(tl.int64) * N * F
+    DT = DSTATES.dtype.element_ty
+
+    r = tl.arange(0, C)
+    f = pid_f * BF + tl.arange(0, BF)
+    dv = pid_v * BV + tl.arange(0, BV)
+    z_mask = (f < F) & (pid_v == 0)
+    dS = tl.zeros([BF, BV], dtype=tl.float32)
+    dz = tl.zeros([BF], dtype=tl.float32)
+    for step in range(0, N):
+        m = N - 1 - step
+        # query chunk m+2 leaves the local blocks of key chunk m: from here on it is in dS
+        far = (m + 2) * C + r
+        far_ok = far < T
+        fq = tl.load(fq_ptr + far[:, None] * sft + f[None, :], mask=far_ok[:, None], other=0.0)
+        do = tl.load(do_ptr + far[:, None] * sot + dv[None, :], mask=far_ok[:, None], other=0.0)
+        rden = 1.0 / tl.load(DEN + stat + far, mask=far_ok, other=1.0)
+        delta = tl.load(DELTA + stat + far, mask=far_ok, other=0.0)
+        go = (do.to(tl.float32) * rden[:, None]).to(DT)
+        dS += tl.dot(tl.trans(fq.to(DT)), go)
+        dz += tl.sum(fq.to(tl.float32) * (delta * rden)[:, None], 0)
+        tl.store(dstates + m * F * D + f[:, None] * D + dv[None, :], dS.to(DT))
+        tl.store(dzs + m * F + f, dz, mask=z_mask)
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, sob, soh, sot, T, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr):
+    """delta_i = do_i . o_i in fp32, per query."""
+    n, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    i = n * C + tl.arange(0, C)
+    d = tl.arange(0, D)
+    ok = i < T
+    offsets = b * sob + h * soh + i[:, None] * sot + d[None, :]
+    o = tl.load(O + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * T + i, tl.sum(o * do, 1), mask=ok)
+
+
+def bht_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, time) strides of a [B,H,T,X] tensor whose last dim is contiguous."""
+    assert x.stride(-1) == 1, "the last dim must be contiguous"
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _scan(kernel, inputs: tuple, outputs: tuple, strides: tuple, T: int, shape: tuple[int, int, int, int],
+          **meta) -> None:
+    """Launch a state scan: one program per (F tile, D tile, b, h)."""
+    BH, F, D = shape[0], shape[2], shape[3]
+    BF, BV = min(F, STATE_TILE), min(D, STATE_TILE)
+    kernel[(F // BF, D // BV, BH)](*inputs, *outputs, *strides, T, F=F, D=D, BF=BF, BV=BV,
+                                   num_warps=SCAN_WARPS, num_stages=SCAN_STAGES, **meta)
+
+
+def chunk_states_fwd(fk: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, chunk: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fk [B,H,T,F], v [B,Hkv,T,D] -> S [B,H,N,F,D] in `dtype`, z [B,H,N,F] fp32, as defined above."""
+    B, H, T, F = fk.shape
+    D = v.shape[-1]
+    N = triton.cdiv(T, chunk)
+    states = torch.empty(B, H, N, F, D, device=fk.device, dtype=dtype)
+    zs = torch.empty(B, H, N, F, device=fk.device, dtype=torch.float32)
+    _scan(_state_fwd_kernel, (fk, v), (states, zs), (*bht_strides(fk), *bht_strides(v)), T,
+          (B * H, N, F, D), H=H, GROUP=H // v.shape[1], C=chunk)
+    return states, zs
+
+
+def chunk_delta(o: torch.Tensor, do: torch.Tensor, chunk: int) -> torch.Tensor:
+    """o, do [B,H,T,D] with equal strides -> delta [B,H,T] fp32."""
+    B, H, T, D = o.shape
+    delta = torch.empty(B, H, T, device=o.device, dtype=torch.float32)
+    _delta_kernel[(triton.cdiv(T, chunk), B * H)](o, do, delta, *bht_strides(o), T, H=H, D=D, C=chunk, num_warps=4)
+    return delta
+
+
+def chunk_states_bwd(fq: torch.Tensor, do: torch.Tensor, den: torch.Tensor, delta: torch.Tensor, chunk: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fq [B,H,T,F], do [B,H,T,D], den, delta [B,H,T] -> dS [B,H,N,F,D] in do's dtype, dz [B,H,N,F] fp32."""
+    B, H, T, F = fq.shape
+    D = do.shape[-1]
+    N = triton.cdiv(T, chunk)
+    dstates = torch.empty(B, H, N, F, D, device=fq.device, dtype=do.dtype)
+    dzs = torch.empty(B, H, N, F, device=fq.device, dtype=torch.float32)
+    _scan(_state_bwd_kernel, (fq, do, den, delta), (dstates, dzs), (*bht_strides(fq), *bht_strides(do)), T,
+          (B * H, N, F, D), H=H, C=chunk)
+    return dstates, dzs
