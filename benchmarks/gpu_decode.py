@@ -127,7 +127,7 @@ def time_context(shape: AttentionShape, context: int, window: str, dtype: torch.
         return fused_recurrent_hybrid_attention(state, *args)
 
     def ours_layer() -> torch.Tensor:
-        fq_, fk_ = module.features(q[:, :, None], k[:, :, None])
+        fq_, fk_ = module.features(q[:, :, None], k[:, :, None], "triton")  # the fused maps, as the model decodes
         return fused_recurrent_hybrid_attention(state, q, k, v, fq_[:, :, 0], fk_[:, :, 0], module.gamma(),
                                                 WINDOW_SIZE, window)
 

@@ -57,8 +57,8 @@ def fp32_teacher(q, k, v, scale: float) -> torch.Tensor:  # what HybridAttention
 def bf16_flash_teacher_loss(module: HybridAttention, q, k, v, scale: float) -> torch.Tensor:
     """The module's transfer computation, composed by hand around a bf16 flash teacher."""
     teacher = flash_teacher(q, k, v, scale)
-    fq, fk = module.features(q, k)  # [B,H,T,F] fp32 each
     config = module.config
+    fq, fk = module.features(q, k, config.backend)  # [B,H,T,F] each: fp32, or q's dtype from the fused maps
     student = hybrid_attention(q, k, v, fq, fk, module.gamma(), config.effective_window_size, config.window,
                                scale, config.backend)
     return F.mse_loss(student.float(), teacher.float())

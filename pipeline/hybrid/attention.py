@@ -33,6 +33,15 @@ def resolve_backend(requested: str, device: torch.device, registry: dict[str, Ca
     return requested
 
 
+def use_fused_feature_maps(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Feature maps run their fused kernel (where they have one) beside the Triton attention: CUDA, bf16/fp16.
+
+    fp32 stays on PyTorch as the chunk kernels do on CUDA, and the CPU path (the DVC pipeline,
+    the Triton interpreter) keeps the PyTorch maps, so its numbers do not move.
+    """
+    return backend == "triton" and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+
+
 @dataclass
 class TransferLosses:
     """What one forward in attention-transfer mode leaves behind (../shared/design/lolcats.md §2)."""
@@ -62,12 +71,17 @@ class HybridAttention(nn.Module):
         """F of the recurrent state: phi's width, 0 when the linear branch is off."""
         return self.feature_map_k.output_dim if self.config.uses_linear else 0
 
-    def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """phi_q(q), phi_k(repeat_kv(k)): [B,H,T,F] each, or None when the linear branch is off."""
+    def features(self, q: torch.Tensor, k: torch.Tensor, backend: str = "torch"
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """phi_q(q), phi_k(repeat_kv(k)): [B,H,T,F] each, or None when the linear branch is off.
+
+        q [B,H,T,D], k [B,Hkv,T,D] un-repeated; `backend` is the resolved attention backend, which
+        decides with the inputs' device and dtype whether fused map kernels run (`use_fused_feature_maps`).
+        """
         if not self.config.uses_linear:
             return None, None
-        k_rep = k.repeat_interleave(self.num_heads // k.shape[1], dim=1)  # [B,Hkv,T,D] -> [B,H,T,D]
-        return self.feature_map_q(q), self.feature_map_k(k_rep)
+        fused = use_fused_feature_maps(backend, q.device, q.dtype)
+        return self.feature_map_q.grouped(q, fused), self.feature_map_k.grouped(k, fused)
 
     def gamma(self) -> torch.Tensor | None:
         return torch.sigmoid(self.window_factors.float()) if hasattr(self, "window_factors") else None
@@ -79,8 +93,8 @@ class HybridAttention(nn.Module):
         instead, so later layers see exactly the teacher's hidden states, and the losses of §2 are
         left in `self.transfer`.
         """
-        fq, fk = self.features(q, k)
         backend = resolve_backend(self.config.backend, q.device, dtype=q.dtype)
+        fq, fk = self.features(q, k, backend)
         gamma = self.gamma()
         y = hybrid_attention(q, k, v, fq, fk, gamma, self.config.effective_window_size,
                              self.config.window, scale, backend)

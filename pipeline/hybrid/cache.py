@@ -114,12 +114,12 @@ class HybridCacheLayer(CacheLayerMixin):
 
     def _step(self, hybrid: HybridAttention, q, k, v, scale: float) -> torch.Tensor:
         """One token per row: q [B,H,D], k, v [B,Hkv,D] -> y [B,H,D]."""
-        fq, fk = hybrid.features(q[:, :, None], k[:, :, None])  # [B,H,1,F] each, or None
         config = hybrid.config
+        backend = resolve_backend(config.backend, q.device, DECODE_BACKENDS)
+        fq, fk = hybrid.features(q[:, :, None], k[:, :, None], backend)  # [B,H,1,F] each, or None
         y = hybrid_attention_decode(
             self.state, q, k, v, None if fq is None else fq[:, :, 0], None if fk is None else fk[:, :, 0],
-            hybrid.gamma(), config.effective_window_size, config.window, scale,
-            resolve_backend(config.backend, q.device, DECODE_BACKENDS))
+            hybrid.gamma(), config.effective_window_size, config.window, scale, backend)
         self.seen += 1
         return y
 
@@ -144,9 +144,10 @@ class HybridCacheLayer(CacheLayerMixin):
     def _prefill_rows(self, hybrid: HybridAttention, rows: torch.Tensor, q, k, v, scale: float) -> torch.Tensor:
         """Outputs for rows `rows` (all tokens real) and their state after the prompt."""
         config = hybrid.config
-        fq, fk = hybrid.features(q, k)
+        backend = resolve_backend(config.backend, q.device, dtype=q.dtype)
+        fq, fk = hybrid.features(q, k, backend)
         y = hybrid_attention(q, k, v, fq, fk, hybrid.gamma(), config.effective_window_size, config.window, scale,
-                             resolve_backend(config.backend, q.device, dtype=q.dtype))
+                             backend)
         fill_ring_state(self.state, rows, k.detach(), v.detach(), None if fk is None else fk.detach(),
                         config.effective_window_size, config.window)
         return y

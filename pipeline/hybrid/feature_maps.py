@@ -2,7 +2,8 @@
 
 Each map holds one weight per query head, W [H,D,F'], applied as 'hdf,bhtd->bhtf' to post-RoPE,
 GQA-repeated inputs [B,H,T,D]; `output_dim` is the width F of phi(x). Maps sit in `FEATURE_MAPS`
-through `register_feature_map`; a new map is a new registered class, never a branch.
+through `register_feature_map`; a new map is a new registered class, never a branch. A map may
+name a fused kernel (`fused_kernel`, from kernels/feature_maps) that `grouped` runs when asked to.
 """
 import math
 from typing import Callable
@@ -10,6 +11,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kernels.feature_maps import hedgehog_feature_map, hedgehog_kernel_takes
 
 FEATURE_MAPS: dict[str, type["FeatureMap"]] = {}
 
@@ -27,6 +30,9 @@ def register_feature_map(name: str) -> Callable[[type["FeatureMap"]], type["Feat
 class FeatureMap(nn.Module):
     """Per-head linear layer x W_h (+ b_h), then the map's nonlinearity in `activate`."""
     has_bias = False
+    # The same map as one kernel: (x [B,Hx,T,D], weight [H,D,F'], eps) -> phi [B,H,T,F] in x's dtype,
+    # query head h reading x head h // (H // Hx), so keys need no GQA repeat. None: PyTorch only.
+    fused_kernel: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
 
     def __init__(self, num_heads: int, head_dim: int, feature_dim: int, init: str):
         super().__init__()
@@ -52,6 +58,18 @@ class FeatureMap(nn.Module):
             u = u + self.bias.float()
         return self.activate(u)
 
+    def grouped(self, x: torch.Tensor, fused: bool) -> torch.Tensor:  # [B,Hx,T,D] -> [B,H,T,F]
+        """phi of every query head h from x head h // (H // Hx): the fused kernel if `fused` and the
+        map has one, else `forward` on repeat_kv(x)."""
+        if fused and self.fused_kernel is not None and self.kernel_takes_shape():
+            return self.fused_kernel(x, self.weight, PHI_EPS)
+        group = self.weight.shape[0] // x.shape[1]
+        return self(x if group == 1 else x.repeat_interleave(group, dim=1))  # [B,H,T,D]
+
+    def kernel_takes_shape(self) -> bool:
+        """Whether `fused_kernel` takes this map's D and F' (other shapes stay on PyTorch)."""
+        return False
+
     def activate(self, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -62,6 +80,10 @@ class HedgehogFeatureMap(FeatureMap):
 
     Not flash-linear-attention's HedgehogFeatureMap (one softmax over [2u, -2u], FLA #195).
     """
+    fused_kernel = staticmethod(hedgehog_feature_map)
+
+    def kernel_takes_shape(self) -> bool:
+        return hedgehog_kernel_takes(*self.weight.shape[1:])
 
     @property
     def output_dim(self) -> int:
