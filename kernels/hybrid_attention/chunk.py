@@ -307,7 +307,8 @@ def _bwd_key_kernel(
 
 def check_dtype(device: torch.device, dtype: torch.dtype) -> None:
     if device.type == "cuda" and dtype == torch.float32:
-        # seen on an H100 (triton 3.6): fp32 tiles hit an illegal memory access in these kernels
+        # fp32 tiles hit illegal memory accesses in the earlier, sequential form of these kernels on an
+        # H100 (triton 3.6); fp32 has not been run on a GPU since, so it stays on PyTorch there
         raise ValueError("the triton backend takes bf16 or fp16 on CUDA, not fp32: cast the model or "
                          "use attention.backend: torch")
 
