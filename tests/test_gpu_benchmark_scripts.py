@@ -13,8 +13,8 @@ import pytest
 
 from tests.conftest import REPO
 
-SCRIPTS = ["gpu_attention", "gpu_attention_check", "gpu_feature_map", "gpu_transfer_step", "gpu_decode",
-           "gpu_generate"]
+SCRIPTS = ["gpu_attention", "gpu_attention_check", "gpu_attention_profile", "gpu_feature_map", "gpu_transfer_step",
+           "gpu_decode", "gpu_generate"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
