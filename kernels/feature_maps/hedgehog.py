@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..strides import bht_strides
+
 # D and F' are tl.dot dimensions (>= 16) and block shapes (powers of two); above 128 the fp32
 # [tokens, F'] tiles of the backward no longer fit in registers.
 MIN_DIM, MAX_DIM = 16, 128
@@ -134,12 +136,6 @@ def _bwd_dw_kernel(
     tl.store(DW_PART + (pid_s * H + h) * D * F + d[:, None] * F + f[None, :], acc)
 
 
-def _strides(x: torch.Tensor) -> tuple[int, int, int]:
-    """(batch, head, time) strides of a [B,H,T,X] tensor whose last dim is contiguous."""
-    assert x.stride(-1) == 1, "the last dim must be contiguous"
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
 def _meta(x: torch.Tensor, weight: torch.Tensor) -> dict:
     H, D, F = weight.shape
     # Token blocks: on an H100 (triton 3.6, Llama-3-8B shape, F' = 64) 128 tokens ran the dx kernel of
@@ -166,7 +162,7 @@ def hedgehog_feature_map_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) 
     phi = torch.empty(B, H, T, 2 * F, device=x.device, dtype=x.dtype)
     meta = _meta(x, weight)
     _fwd_kernel[(triton.cdiv(T, meta["BT"]), B * HX)](
-        x, weight, phi, *_strides(x), *_strides(phi), T, eps, HX=HX, **meta)
+        x, weight, phi, *bht_strides(x), *bht_strides(phi), T, eps, HX=HX, **meta)
     return phi
 
 
@@ -186,13 +182,13 @@ def hedgehog_feature_map_bwd(x: torch.Tensor, weight: torch.Tensor, dphi: torch.
     if need_dx:
         dx = torch.empty_strided(x.shape, x.stride(), device=x.device, dtype=x.dtype)
         _bwd_dx_kernel[(triton.cdiv(T, meta["BT"]), B * HX)](
-            x, weight, dphi, dx, *_strides(x), *_strides(dphi), *_strides(dx), T, eps, HX=HX, **meta)
+            x, weight, dphi, dx, *bht_strides(x), *bht_strides(dphi), *bht_strides(dx), T, eps, HX=HX, **meta)
     if need_dweight:
         n_blocks = B * triton.cdiv(T, meta["BT"])
         slices = _dw_slices(n_blocks, H, x.device)
         partials = torch.empty(slices, H, D, F, device=x.device, dtype=torch.float32)
         _bwd_dw_kernel[(slices, H)](
-            x, weight, dphi, partials, *_strides(x), *_strides(dphi), T, n_blocks,
+            x, weight, dphi, partials, *bht_strides(x), *bht_strides(dphi), T, n_blocks,
             triton.cdiv(n_blocks, slices), eps, H=H, **meta)
         dweight = partials.sum(0)
     return dx, dweight

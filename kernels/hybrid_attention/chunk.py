@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_state import bht_strides, chunk_delta, chunk_states_bwd, chunk_states_fwd
+from ..strides import bht_strides
+from .chunk_state import chunk_delta, chunk_states_bwd, chunk_states_fwd
 from .naive import check_inputs
 
 # Chunk length: the score blocks are C x C; 64 keeps them in registers with head dim 128.

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..strides import bht_strides
+
 # The state tile of one scan program: F and D split in 64s, so a 128 x 128 state runs four programs.
 STATE_TILE = 64
 # Launch settings of the scans: their loop loads the next chunk while the state update runs.
@@ -115,19 +117,11 @@ def _delta_kernel(O, DO, DELTA, sob, soh, sot, T, H: tl.constexpr, D: tl.constex
     tl.store(DELTA + pid_bh.to(tl.int64) * T + i, tl.sum(o * do, 1), mask=ok)
 
 
-def bht_strides(x: torch.Tensor) -> tuple[int, int, int]:
-    """(batch, head, time) strides of a [B,H,T,X] tensor whose last dim is contiguous."""
-    assert x.stride(-1) == 1, "the last dim must be contiguous"
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
-def _scan(kernel, inputs: tuple, outputs: tuple, strides: tuple, T: int, shape: tuple[int, int, int, int],
-          **meta) -> None:
+def _scan(kernel, args: tuple, BH: int, F: int, D: int, **meta) -> None:
     """Launch a state scan: one program per (F tile, D tile, b, h)."""
-    BH, F, D = shape[0], shape[2], shape[3]
     BF, BV = min(F, STATE_TILE), min(D, STATE_TILE)
-    kernel[(F // BF, D // BV, BH)](*inputs, *outputs, *strides, T, F=F, D=D, BF=BF, BV=BV,
-                                   num_warps=SCAN_WARPS, num_stages=SCAN_STAGES, **meta)
+    kernel[(F // BF, D // BV, BH)](*args, F=F, D=D, BF=BF, BV=BV, num_warps=SCAN_WARPS, num_stages=SCAN_STAGES,
+                                   **meta)
 
 
 def chunk_states_fwd(fk: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, chunk: int
@@ -138,8 +132,8 @@ def chunk_states_fwd(fk: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, chun
     N = triton.cdiv(T, chunk)
     states = torch.empty(B, H, N, F, D, device=fk.device, dtype=dtype)
     zs = torch.empty(B, H, N, F, device=fk.device, dtype=torch.float32)
-    _scan(_state_fwd_kernel, (fk, v), (states, zs), (*bht_strides(fk), *bht_strides(v)), T,
-          (B * H, N, F, D), H=H, GROUP=H // v.shape[1], C=chunk)
+    _scan(_state_fwd_kernel, (fk, v, states, zs, *bht_strides(fk), *bht_strides(v), T), B * H, F, D,
+          H=H, GROUP=H // v.shape[1], C=chunk)
     return states, zs
 
 
@@ -159,6 +153,6 @@ def chunk_states_bwd(fq: torch.Tensor, do: torch.Tensor, den: torch.Tensor, delt
     N = triton.cdiv(T, chunk)
     dstates = torch.empty(B, H, N, F, D, device=fq.device, dtype=do.dtype)
     dzs = torch.empty(B, H, N, F, device=fq.device, dtype=torch.float32)
-    _scan(_state_bwd_kernel, (fq, do, den, delta), (dstates, dzs), (*bht_strides(fq), *bht_strides(do)), T,
-          (B * H, N, F, D), H=H, C=chunk)
+    _scan(_state_bwd_kernel, (fq, do, den, delta, dstates, dzs, *bht_strides(fq), *bht_strides(do), T),
+          B * H, F, D, H=H, C=chunk)
     return dstates, dzs

@@ -61,7 +61,7 @@ class FeatureMap(nn.Module):
     def grouped(self, x: torch.Tensor, fused: bool) -> torch.Tensor:  # [B,Hx,T,D] -> [B,H,T,F]
         """phi of every query head h from x head h // (H // Hx): the fused kernel if `fused` and the
         map has one, else `forward` on repeat_kv(x)."""
-        if fused and self.fused_kernel is not None and self.kernel_takes_shape():
+        if fused and self.kernel_takes_shape():
             return self.fused_kernel(x, self.weight, PHI_EPS)
         group = self.weight.shape[0] // x.shape[1]
         return self(x if group == 1 else x.repeat_interleave(group, dim=1))  # [B,H,T,D]
