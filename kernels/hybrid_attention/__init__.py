@@ -1,8 +1,9 @@
 """Hybrid softmax-window + linear attention (../shared/design/lolcats.md §1.3, §7).
 
 `naive.py` is the quadratic oracle, `parallel.py` the chunked PyTorch form (CPU path and reference),
-`recurrent.py` the decode form, `chunk.py` the Triton training/prefill kernels (their per-chunk
-linear states come from the scans in `chunk_state.py`). Backends sit in `BACKENDS`; `hybrid_attention` dispatches to one.
+`recurrent.py` the decode form, `chunk.py` the Triton training/prefill kernels (backward in
+`chunk_bwd.py`, shared block logic in `chunk_blocks.py`, per-chunk linear states from the scans in
+`chunk_state.py`). Backends sit in `BACKENDS`; `hybrid_attention` dispatches to one.
 """
 from typing import Callable
 

@@ -2,10 +2,12 @@
 
 The only sequential part of chunked hybrid attention is the linear state; everything else is local
 to a chunk and its predecessor. These scans walk the chunks once, each program owning an [BF,BV]
-tile of the state of one (b, h), and store every chunk's state, so the kernels of `chunk.py` run
-one program per (chunk, b, h) in parallel. The scans are bound by writing the states (they are
-as large as q); splitting long sequences into segments with a prefix over segment sums was tried
-and measured no faster on an H100 (it reads the inputs twice).
+tile of the state of one (b, h), and store the state of every EVERY-th chunk, so the kernels of
+`chunk.py` run one program per (chunk, b, h) in parallel; a chunk between two stored states adds
+the chunks in between as extra local blocks. With a 128 x 128 state per 64 tokens the states are
+twice as large as q: storing every chunk's made them most of the memory traffic. Splitting long
+sequences into segments with a prefix over segment sums was tried and measured no faster on an
+H100 (it reads the inputs twice).
 
   forward:  S_n = sum over key chunks <= n-2 of fk^T v  [F,D],  z_n = sum fk  [F]
   backward: dS_m = sum over query chunks >= m+2 of fq^T do/den  [F,D],
@@ -32,30 +34,30 @@ def _state_fwd_kernel(
     sfb, sfh, sft, svb, svh, svt,
     T,
     H: tl.constexpr, GROUP: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-    BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, EVERY: tl.constexpr,
 ):
-    """Program (F tile, D tile, (b, h)) walks the chunks forward, storing each chunk's S and z."""
+    """Program (F tile, D tile, (b, h)) walks the chunks forward, storing S and z of every EVERY-th."""
     pid_f, pid_v, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     fk_ptr = FK + b * sfb + h * sfh
     v_ptr = V + b * svb + (h // GROUP) * svh
-    N = tl.cdiv(T, C)
-    states = STATES + pid_bh.to(tl.int64) * N * F * D
-    zs = ZS + pid_bh.to(tl.int64) * N * F
+    NS = tl.cdiv(tl.cdiv(T, C), EVERY)
+    states = STATES + pid_bh.to(tl.int64) * NS * F * D
+    zs = ZS + pid_bh.to(tl.int64) * NS * F
     DT = STATES.dtype.element_ty
 
-    r = tl.arange(0, C)
+    r = tl.arange(0, EVERY * C)
     f = pid_f * BF + tl.arange(0, BF)
     dv = pid_v * BV + tl.arange(0, BV)
     z_mask = (f < F) & (pid_v == 0)  # one program per F tile writes z
     S = tl.zeros([BF, BV], dtype=tl.float32)
     z = tl.zeros([BF], dtype=tl.float32)
-    for n in range(0, N):
-        tl.store(states + n * F * D + f[:, None] * D + dv[None, :], S.to(DT))
-        tl.store(zs + n * F + f, z, mask=z_mask)
-        # chunk n-1 joins the state: it is beyond the window of every query from chunk n+1 on
-        jp = (n - 1) * C + r
-        p_ok = jp >= 0
+    for e in range(0, NS):
+        tl.store(states + e * F * D + f[:, None] * D + dv[None, :], S.to(DT))
+        tl.store(zs + e * F + f, z, mask=z_mask)
+        # key chunks e*EVERY-1 .. e*EVERY+EVERY-2 join: beyond the window from query chunk (e+1)*EVERY on
+        jp = (e * EVERY - 1) * C + r
+        p_ok = (jp >= 0) & (jp < T)
         fk = tl.load(fk_ptr + jp[:, None] * sft + f[None, :], mask=p_ok[:, None], other=0.0)
         v = tl.load(v_ptr + jp[:, None] * svt + dv[None, :], mask=p_ok[:, None], other=0.0)
         S += tl.dot(tl.trans(fk.to(DT)), v)
@@ -68,7 +70,7 @@ def _state_bwd_kernel(
     sfb, sfh, sft, sob, soh, sot,
     T,
     H: tl.constexpr, F: tl.constexpr, D: tl.constexpr,
-    BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, EVERY: tl.constexpr,
 ):
     """As `_state_fwd_kernel`, walking the chunks from the last down."""
     pid_f, pid_v, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -76,21 +78,21 @@ def _state_bwd_kernel(
     fq_ptr = FQ + b * sfb + h * sfh
     do_ptr = DO + b * sob + h * soh
     stat = pid_bh.to(tl.int64) * T
-    N = tl.cdiv(T, C)
-    dstates = DSTATES + pid_bh.to(tl.int64) * N * F * D
-    dzs = DZS + pid_bh.to(tl.int64) * N * F
+    NS = tl.cdiv(tl.cdiv(T, C), EVERY)
+    dstates = DSTATES + pid_bh.to(tl.int64) * NS * F * D
+    dzs = DZS + pid_bh.to(tl.int64) * NS * F
     DT = DSTATES.dtype.element_ty
 
-    r = tl.arange(0, C)
+    r = tl.arange(0, EVERY * C)
     f = pid_f * BF + tl.arange(0, BF)
     dv = pid_v * BV + tl.arange(0, BV)
     z_mask = (f < F) & (pid_v == 0)
     dS = tl.zeros([BF, BV], dtype=tl.float32)
     dz = tl.zeros([BF], dtype=tl.float32)
-    for step in range(0, N):
-        m = N - 1 - step
-        # query chunk m+2 leaves the local blocks of key chunk m: from here on it is in dS
-        far = (m + 2) * C + r
+    for step in range(0, NS):
+        e = NS - 1 - step
+        # query chunks e*EVERY+2 .. e*EVERY+EVERY+1 leave the local blocks of key chunk e*EVERY
+        far = (e * EVERY + 2) * C + r
         far_ok = far < T
         fq = tl.load(fq_ptr + far[:, None] * sft + f[None, :], mask=far_ok[:, None], other=0.0)
         do = tl.load(do_ptr + far[:, None] * sot + dv[None, :], mask=far_ok[:, None], other=0.0)
@@ -99,8 +101,8 @@ def _state_bwd_kernel(
         go = (do.to(tl.float32) * rden[:, None]).to(DT)
         dS += tl.dot(tl.trans(fq.to(DT)), go)
         dz += tl.sum(fq.to(tl.float32) * (delta * rden)[:, None], 0)
-        tl.store(dstates + m * F * D + f[:, None] * D + dv[None, :], dS.to(DT))
-        tl.store(dzs + m * F + f, dz, mask=z_mask)
+        tl.store(dstates + e * F * D + f[:, None] * D + dv[None, :], dS.to(DT))
+        tl.store(dzs + e * F + f, dz, mask=z_mask)
 
 
 @triton.jit
@@ -124,16 +126,22 @@ def _scan(kernel, args: tuple, BH: int, F: int, D: int, **meta) -> None:
                                    **meta)
 
 
-def chunk_states_fwd(fk: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, chunk: int
+def stored_chunks(T: int, chunk: int, every: int) -> int:
+    """How many states a scan stores: those of chunks 0, every, 2 every, ..."""
+    return triton.cdiv(triton.cdiv(T, chunk), every)
+
+
+def chunk_states_fwd(fk: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, chunk: int, every: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fk [B,H,T,F], v [B,Hkv,T,D] -> S [B,H,N,F,D] in `dtype`, z [B,H,N,F] fp32, as defined above."""
+    """fk [B,H,T,F], v [B,Hkv,T,D] -> S [B,H,NS,F,D] in `dtype`, z [B,H,NS,F] fp32, as defined above,
+    for chunks 0, every, 2 every, ... (NS of them)."""
     B, H, T, F = fk.shape
     D = v.shape[-1]
-    N = triton.cdiv(T, chunk)
-    states = torch.empty(B, H, N, F, D, device=fk.device, dtype=dtype)
-    zs = torch.empty(B, H, N, F, device=fk.device, dtype=torch.float32)
+    NS = stored_chunks(T, chunk, every)
+    states = torch.empty(B, H, NS, F, D, device=fk.device, dtype=dtype)
+    zs = torch.empty(B, H, NS, F, device=fk.device, dtype=torch.float32)
     _scan(_state_fwd_kernel, (fk, v, states, zs, *bht_strides(fk), *bht_strides(v), T), B * H, F, D,
-          H=H, GROUP=H // v.shape[1], C=chunk)
+          H=H, GROUP=H // v.shape[1], C=chunk, EVERY=every)
     return states, zs
 
 
@@ -145,14 +153,15 @@ def chunk_delta(o: torch.Tensor, do: torch.Tensor, chunk: int) -> torch.Tensor:
     return delta
 
 
-def chunk_states_bwd(fq: torch.Tensor, do: torch.Tensor, den: torch.Tensor, delta: torch.Tensor, chunk: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fq [B,H,T,F], do [B,H,T,D], den, delta [B,H,T] -> dS [B,H,N,F,D] in do's dtype, dz [B,H,N,F] fp32."""
+def chunk_states_bwd(fq: torch.Tensor, do: torch.Tensor, den: torch.Tensor, delta: torch.Tensor, chunk: int,
+                     every: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fq [B,H,T,F], do [B,H,T,D], den, delta [B,H,T] -> dS [B,H,NS,F,D] in do's dtype, dz [B,H,NS,F]
+    fp32, for key chunks 0, every, 2 every, ..."""
     B, H, T, F = fq.shape
     D = do.shape[-1]
-    N = triton.cdiv(T, chunk)
-    dstates = torch.empty(B, H, N, F, D, device=fq.device, dtype=do.dtype)
-    dzs = torch.empty(B, H, N, F, device=fq.device, dtype=torch.float32)
+    NS = stored_chunks(T, chunk, every)
+    dstates = torch.empty(B, H, NS, F, D, device=fq.device, dtype=do.dtype)
+    dzs = torch.empty(B, H, NS, F, device=fq.device, dtype=torch.float32)
     _scan(_state_bwd_kernel, (fq, do, den, delta, dstates, dzs, *bht_strides(fq), *bht_strides(do), T),
-          B * H, F, D, H=H, C=chunk)
+          B * H, F, D, H=H, C=chunk, EVERY=every)
     return dstates, dzs

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from kernels.hybrid_attention import BACKENDS, hybrid_attention_chunk, hybrid_attention_parallel
-from kernels.hybrid_attention.chunk import check_dtype, chunk_size
+from kernels.hybrid_attention import chunk as chunk_module
+from kernels.hybrid_attention.chunk_blocks import check_dtype, chunk_size, linear_from
+from kernels.hybrid_attention.windows import window_kind
 from pipeline.hybrid.attention import resolve_backend
 from tests.assertions import assert_close
 from tests.kernels.test_hybrid_attention_reference import make_inputs, window_for
@@ -47,6 +49,17 @@ def compare(inputs, window_size: int, window: str, ratio: float | None = None) -
 @pytest.mark.parametrize("B,H,Hkv,T,D,F,w", SHAPES)
 def test_kernel_matches_reference_values_and_gradients(B, H, Hkv, T, D, F, w, mode, window):
     compare(make_inputs(B, H, Hkv, T, D, F, mode), window_for(mode, w), window)
+
+
+@pytest.mark.parametrize("every,dstate_every", [(1, 1), (4, 2), (2, 4)])
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("mode", ["hybrid", "linear_only"])  # window-only has no states
+def test_states_stored_every_few_chunks_give_the_same_values_and_gradients(mode, window, every, dstate_every,
+                                                                            monkeypatch):
+    """Chunks between stored states add the missing chunks as all-linear blocks (chunk.STATE_EVERY)."""
+    monkeypatch.setattr(chunk_module, "STATE_EVERY", every)
+    monkeypatch.setattr(chunk_module, "DSTATE_EVERY", dstate_every)
+    compare(make_inputs(2, 4, 2, 300, 16, 16, mode), window_for(mode, 32), window)
 
 
 def test_half_precision_inputs_accumulate_in_fp32():
@@ -93,3 +106,17 @@ def test_fp32_on_cuda_is_refused_with_the_fix():
     check_dtype(torch.device("cpu"), torch.float32)  # the interpreter runs fp32 fine
     with pytest.raises(ValueError, match="attention.backend: torch"):
         check_dtype(torch.device("cuda"), torch.float32)
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("window_size", [0, 16, 32, 64, 128])
+def test_kernels_skip_exactly_the_local_blocks_without_linear_pairs(window, window_size):
+    """linear_from names the nearest local block holding a linear pair; the kernels skip the nearer ones."""
+    chunk = chunk_size(window_size, window)
+    i = torch.arange(chunk, 2 * chunk)[:, None]  # queries of chunk 1
+    has_linear = []
+    for j in (torch.arange(chunk, 2 * chunk)[None, :], torch.arange(chunk)[None, :]):  # own chunk, previous
+        inside = window_kind(window).contains(i, j, window_size) if window_size else torch.zeros_like(i - j) > 0
+        has_linear.append(bool(((j <= i) & ~inside).any()))
+    expected = 0 if has_linear[0] else 1 if has_linear[1] else 2
+    assert linear_from(window_size, window == "terrace", chunk) == expected

@@ -1,7 +1,8 @@
 """The state scans of the Triton chunk kernels (interpreter) against the states computed in PyTorch.
 
 S_n = sum of fk^T v over key chunks <= n-2 and dS_m = sum of fq^T do/den over query chunks >= m+2
-(chunk_state.py), at lengths of one chunk, several, and a ragged last chunk.
+(chunk_state.py), at lengths of one chunk, several, and a ragged last chunk, stored for every chunk
+or every 2nd / 4th one.
 """
 import pytest
 import torch
@@ -17,8 +18,9 @@ def per_chunk(x: torch.Tensor, n: int) -> torch.Tensor:  # [B,H,T,X] -> [B,H,N,C
     return F_.pad(x, (0, 0, 0, n * C - x.shape[2])).view(*x.shape[:2], n, C, x.shape[-1])
 
 
+@pytest.mark.parametrize("every", [1, 2, 4])
 @pytest.mark.parametrize("T", [5, 100, 130])
-def test_forward_states_are_the_sums_of_the_chunks_before_the_previous_one(T):
+def test_forward_states_are_the_sums_of_the_chunks_before_the_previous_one(T, every):
     B, H, Hkv, Fd, D = 2, 4, 2, 16, 32
     fk, v = torch.rand(B, H, T, Fd), torch.randn(B, Hkv, T, D)
     n = -(-T // C)
@@ -26,13 +28,14 @@ def test_forward_states_are_the_sums_of_the_chunks_before_the_previous_one(T):
     kv = torch.einsum("bhncf,bhncd->bhnfd", fkc, vc).cumsum(2)
     expect_s = F_.pad(kv, (0, 0, 0, 0, 2, 0))[:, :, :n]
     expect_z = F_.pad(fkc.sum(3).cumsum(2), (0, 0, 2, 0))[:, :, :n]
-    states, zs = chunk_states_fwd(fk, v, torch.float32, C)
-    assert_close("S", expect_s, states)
-    assert_close("z", expect_z, zs)
+    states, zs = chunk_states_fwd(fk, v, torch.float32, C, every)
+    assert_close("S", expect_s[:, :, ::every], states)
+    assert_close("z", expect_z[:, :, ::every], zs)
 
 
+@pytest.mark.parametrize("every", [1, 2, 4])
 @pytest.mark.parametrize("T", [5, 100, 130])
-def test_backward_states_are_the_sums_of_the_chunks_after_the_next_one(T):
+def test_backward_states_are_the_sums_of_the_chunks_after_the_next_one(T, every):
     B, H, Fd, D = 2, 3, 16, 32
     fq, do = torch.rand(B, H, T, Fd), torch.randn(B, H, T, D)
     den, delta = 1 + torch.rand(B, H, T), torch.randn(B, H, T)
@@ -46,6 +49,6 @@ def test_backward_states_are_the_sums_of_the_chunks_after_the_next_one(T):
         return F_.pad(suffix, (0, 0) * (x.dim() - 3) + (0, 2))[:, :, 2:]
     expect_ds = after_next(torch.einsum("bhncf,bhncd->bhnfd", fqc, go))
     expect_dz = after_next((fqc * gz).sum(3))
-    dstates, dzs = chunk_states_bwd(fq, do, den, delta, C)
-    assert_close("dS", expect_ds, dstates)
-    assert_close("dz", expect_dz, dzs)
+    dstates, dzs = chunk_states_bwd(fq, do, den, delta, C, every)
+    assert_close("dS", expect_ds[:, :, ::every], dstates)
+    assert_close("dz", expect_dz[:, :, ::every], dzs)

@@ -1,0 +1,335 @@
+"""The backward of the chunked hybrid attention (`chunk.py`): one step's gradient kernels.
+
+After `chunk_state.py` has stored delta = do . o and the gradient states dS = sum fq^T do/den,
+dz = sum fq delta/den (every DSTATE_EVERY-th key chunk), four launches run, each one program per
+(chunk, head) in parallel:
+  _bwd_query_kernel SIDE 1   window side of query chunk n: dq, the window-max gradient dm and its
+                             argmax key, and dgamma's window sums;
+                    SIDE 2   linear side: dfq (local blocks, the forward's S, z, and the chunks
+                             between a stored state and n-1) and dgamma's partial;
+  _bwd_key_value_kernel      one query head's share of dk, dv of one key chunk (the launcher sums
+                             each GQA group);
+  _bwd_key_feature_kernel    dfk of one key chunk of one query head (dS, dz, local blocks, and the
+                             query chunks between chunk m+1 and the stored dS).
+Every program holds one [C,D] or [C,F] accumulator (two for dk, dv): with every accumulator of a
+side in one program (as before) the kernels spilled more registers and ran 1.15-1.2x slower on an
+H100. Local blocks without linear pairs (`chunk_blocks.linear_from`: none at all for the default
+terrace window of 64) skip their feature dots.
+The max m_i stabilises the window part only and the linear part is not scaled by it, so the output
+depends on m_i: its gradient dm_i = -sum_j A_ij dp_ij flows to the argmax key, as through the
+reference's amax (ties, which random data never produce, go to one key instead of being split).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..strides import bht_strides
+from .chunk_blocks import kernel_meta, pair_masks
+from .chunk_state import chunk_delta, chunk_states_bwd
+
+
+@triton.jit
+def _bwd_query_kernel(
+    Q, K, V, FQ, FK, STATES, ZS, GAMMA, DO, DEN, MAX, DELTA,
+    DQ, DFQ, DMAX, ARGMAX, DGAMMA, WIN_SUMS,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sfb, sfh, sft,
+    T, scale,
+    H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+    C: tl.constexpr, WINDOW: tl.constexpr, TERRACE: tl.constexpr,
+    HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr, EVERY: tl.constexpr, SIDE: tl.constexpr,
+    LIN_FROM: tl.constexpr,
+):
+    """q and dq share strides, as do fq, fk and dfq; DGAMMA holds one partial per (b, h, chunk).
+    SIDE 1: the window side (dq, dm, argmax); SIDE 2, launched after it: the linear side (dfq,
+    dgamma). The window side hands dgamma's window sums to the linear side through WIN_SUMS [2,B,H,T]."""
+    n, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    q_ptr = Q + b * sqb + h * sqh
+    dq_ptr = DQ + b * sqb + h * sqh
+    k_ptr = K + b * skb + hk * skh
+    v_ptr = V + b * svb + hk * svh
+    do_ptr = DO + b * sob + h * soh
+    fq_ptr = FQ + b * sfb + h * sfh
+    fk_ptr = FK + b * sfb + h * sfh
+    dfq_ptr = DFQ + b * sfb + h * sfh
+    stat = pid_bh.to(tl.int64) * T
+    n_stat = tl.num_programs(1).to(tl.int64) * T  # offset of WIN_SUMS' second half
+    chunk = pid_bh.to(tl.int64) * tl.cdiv(T, C) + n
+    stored = n // EVERY
+    state = pid_bh.to(tl.int64) * tl.cdiv(tl.cdiv(T, C), EVERY) + stored
+    DT = Q.dtype.element_ty
+
+    r = tl.arange(0, C)
+    d = tl.arange(0, D)
+    f = tl.arange(0, F)
+    g = tl.load(GAMMA + h).to(tl.float32) if HAS_GAMMA else 1.0
+    i = n * C + r
+    jp = i - C
+    q_ok, p_ok = i < T, jp >= 0
+    do = tl.load(do_ptr + i[:, None] * sot + d[None, :], mask=q_ok[:, None], other=0.0)
+    rden = 1.0 / tl.load(DEN + stat + i, mask=q_ok, other=1.0)
+    delta = tl.load(DELTA + stat + i, mask=q_ok, other=0.0)
+    v_cur = tl.load(v_ptr + i[:, None] * svt + d[None, :], mask=q_ok[:, None], other=0.0)
+    v_prev = tl.load(v_ptr + jp[:, None] * svt + d[None, :], mask=p_ok[:, None], other=0.0)
+    # dL/dp_ij for every pair weight p_ij (window or linear) of the shared normaliser
+    dov_c = tl.dot(do, tl.trans(v_cur))  # do_i . v_j
+    dov_p = tl.dot(do, tl.trans(v_prev))
+    dp_c = (dov_c - delta[:, None]) * rden[:, None]
+    dp_p = (dov_p - delta[:, None]) * rden[:, None]
+    win_c, lin_c = pair_masks(i[:, None], i[None, :], q_ok[:, None] & q_ok[None, :], WINDOW, TERRACE)
+    win_p, lin_p = pair_masks(i[:, None], jp[None, :], q_ok[:, None] & p_ok[None, :], WINDOW, TERRACE)
+    # For dgamma: do . (window numerator), do . (linear numerator) and the two normalisers.
+    x_win = tl.zeros([C], dtype=tl.float32)
+    den_win = tl.zeros([C], dtype=tl.float32)
+    if WINDOW > 0 and SIDE == 1:
+        qt = tl.load(q_ptr + i[:, None] * sqt + d[None, :], mask=q_ok[:, None], other=0.0)
+        k_cur = tl.load(k_ptr + i[:, None] * skt + d[None, :], mask=q_ok[:, None], other=0.0)
+        k_prev = tl.load(k_ptr + jp[:, None] * skt + d[None, :], mask=p_ok[:, None], other=0.0)
+        s_c = tl.where(win_c, tl.dot(qt, tl.trans(k_cur)) * scale, float("-inf"))
+        s_p = tl.where(win_p, tl.dot(qt, tl.trans(k_prev)) * scale, float("-inf"))
+        m = tl.load(MAX + stat + i, mask=q_ok, other=0.0)
+        a_c = tl.where(win_c, g * tl.exp(s_c - m[:, None]), 0.0)
+        a_p = tl.where(win_p, g * tl.exp(s_p - m[:, None]), 0.0)
+        ds_c = a_c * dp_c
+        ds_p = a_p * dp_p
+        x_win = tl.sum(a_c * dov_c, 1) + tl.sum(a_p * dov_p, 1)
+        den_win = tl.sum(a_c, 1) + tl.sum(a_p, 1)
+        # the max's own gradient goes to its argmax key (to one of them on an exact tie)
+        dm = -(tl.sum(ds_c, 1) + tl.sum(ds_p, 1))
+        best_c, best_p = tl.max(s_c, 1), tl.max(s_p, 1)
+        arg = tl.where(best_c >= best_p, n * C + tl.argmax(s_c, 1), (n - 1) * C + tl.argmax(s_p, 1))
+        ds_c += tl.where(i[None, :] == arg[:, None], dm[:, None], 0.0)
+        ds_p += tl.where(jp[None, :] == arg[:, None], dm[:, None], 0.0)
+        dq = (tl.dot(ds_c.to(DT), k_cur) + tl.dot(ds_p.to(DT), k_prev)) * scale
+        tl.store(dq_ptr + i[:, None] * sqt + d[None, :], dq.to(DQ.dtype.element_ty), mask=q_ok[:, None])
+        tl.store(DMAX + stat + i, dm, mask=q_ok)
+        tl.store(ARGMAX + stat + i, arg.to(tl.int32), mask=q_ok)
+        if HAS_LINEAR and HAS_GAMMA:
+            tl.store(WIN_SUMS + stat + i, x_win, mask=q_ok)
+            tl.store(WIN_SUMS + n_stat + stat + i, den_win, mask=q_ok)
+    if HAS_LINEAR and SIDE == 2:
+        S = tl.load(STATES + state * F * D + f[:, None] * D + d[None, :])
+        z = tl.load(ZS + state * F + f)
+        go = (do.to(tl.float32) * rden[:, None]).to(DT)  # do / den
+        go_s = tl.dot(go, tl.trans(S))  # [C,F]
+        dfq = go_s - (delta * rden)[:, None] * z[None, :]
+        if LIN_FROM == 0:
+            fk_cur = tl.load(fk_ptr + i[:, None] * sft + f[None, :], mask=q_ok[:, None], other=0.0).to(DT)
+            dfq += tl.dot(tl.where(lin_c, dp_c, 0.0).to(DT), fk_cur)
+        if LIN_FROM <= 1:
+            fk_prev = tl.load(fk_ptr + jp[:, None] * sft + f[None, :], mask=p_ok[:, None], other=0.0).to(DT)
+            dfq += tl.dot(tl.where(lin_p, dp_p, 0.0).to(DT), fk_prev)
+        if EVERY > 1:  # key chunks between the stored state and chunk n-1, as in the forward
+            for gap in range(tl.maximum(stored * EVERY - 1, 0), n - 1):
+                jg = gap * C + r
+                dov_g = tl.dot(do, tl.trans(tl.load(v_ptr + jg[:, None] * svt + d[None, :])))
+                fk_g = tl.load(fk_ptr + jg[:, None] * sft + f[None, :]).to(DT)
+                dfq += tl.dot(((dov_g - delta[:, None]) * rden[:, None]).to(DT), fk_g)
+        tl.store(dfq_ptr + i[:, None] * sft + f[None, :], dfq.to(DFQ.dtype.element_ty), mask=q_ok[:, None])
+        if HAS_GAMMA:
+            if WINDOW > 0:
+                x_win = tl.load(WIN_SUMS + stat + i, mask=q_ok, other=0.0)
+                den_win = tl.load(WIN_SUMS + n_stat + stat + i, mask=q_ok, other=0.0)
+            fq = tl.load(fq_ptr + i[:, None] * sft + f[None, :], mask=q_ok[:, None], other=0.0).to(DT)
+            fq32 = fq.to(tl.float32)
+            x_lin = tl.sum(fq32 * go_s, 1) / rden
+            den_lin = tl.sum(fq32 * z[None, :], 1)
+            if LIN_FROM == 0:
+                l_c = tl.where(lin_c, tl.dot(fq, tl.trans(fk_cur)), 0.0)
+                x_lin += tl.sum(l_c * dov_c, 1)
+                den_lin += tl.sum(l_c, 1)
+            if LIN_FROM <= 1:
+                l_p = tl.where(lin_p, tl.dot(fq, tl.trans(fk_prev)), 0.0)
+                x_lin += tl.sum(l_p * dov_p, 1)
+                den_lin += tl.sum(l_p, 1)
+            if EVERY > 1:
+                for gap in range(tl.maximum(stored * EVERY - 1, 0), n - 1):
+                    jg = gap * C + r
+                    l_g = tl.dot(fq, tl.trans(tl.load(fk_ptr + jg[:, None] * sft + f[None, :]).to(DT)))
+                    x_lin += tl.sum(l_g * tl.dot(do, tl.trans(tl.load(v_ptr + jg[:, None] * svt + d[None, :]))), 1)
+                    den_lin += tl.sum(l_g, 1)
+            # sum_W A_ij dp_ij without the rounded output: with delta = (x_win + x_lin) / den it is
+            # (x_win den_lin - x_lin den_win) / den^2, free of the cancellation in x_win - delta den_win
+            dg = (x_win * den_lin - x_lin * den_win) * rden * rden
+            tl.store(DGAMMA + chunk, tl.sum(dg, 0) / g)
+
+
+@triton.jit
+def _bwd_key_value_kernel(
+    Q, K, V, FQ, FK, DSTATES, GAMMA, DO, DEN, MAX, DELTA, DMAX, ARGMAX, DK, DV,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sfb, sfh, sft, sgb, sgh, sgt,
+    T, scale,
+    H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+    C: tl.constexpr, WINDOW: tl.constexpr, TERRACE: tl.constexpr,
+    HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr, EVERY: tl.constexpr, LIN_FROM: tl.constexpr,
+):
+    """Program (key chunk, (b, h)): this query head's share of dk, dv, into [B,H,T,D] buffers
+    (strides sg*) that the caller sums over each GQA group. Walking the group's heads here instead,
+    into one pair of accumulators, spilled more and ran 1.3x slower on an H100."""
+    mc, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    q_ptr = Q + b * sqb + h * sqh
+    k_ptr = K + b * skb + hk * skh
+    v_ptr = V + b * svb + hk * svh
+    do_ptr = DO + b * sob + h * soh
+    fq_ptr = FQ + b * sfb + h * sfh
+    stat = pid_bh.to(tl.int64) * T
+    N = tl.cdiv(T, C)
+    NS = tl.cdiv(N, EVERY)
+    stored = tl.cdiv(mc, EVERY)  # dS of key chunk stored*EVERY: query chunks >= stored*EVERY+2
+    state = pid_bh.to(tl.int64) * NS + stored
+    has_state = stored < NS  # past the last chunk, stored*EVERY names no chunk: its dS is zero
+    DT = Q.dtype.element_ty
+
+    r = tl.arange(0, C)
+    d = tl.arange(0, D)
+    f = tl.arange(0, F)
+    g = tl.load(GAMMA + h).to(tl.float32) if HAS_GAMMA else 1.0
+    j = mc * C + r  # this chunk's keys
+    k_ok = j < T
+    v_t = tl.load(v_ptr + j[:, None] * svt + d[None, :], mask=k_ok[:, None], other=0.0)
+    dk = tl.zeros([C, D], dtype=tl.float32)
+    dv = tl.zeros([C, D], dtype=tl.float32)
+    if HAS_LINEAR:
+        fk_t = tl.load(FK + b * sfb + h * sfh + j[:, None] * sft + f[None, :], mask=k_ok[:, None],
+                       other=0.0).to(DT)
+        # every query chunk >= mc+2 sees these keys only through the state ...
+        dS = tl.load(DSTATES + state * F * D + f[:, None] * D + d[None, :], mask=has_state, other=0.0)
+        dv += tl.dot(fk_t, dS)
+        # ... or, up to the stored dS, through all-linear blocks
+        for gap in range(mc + 2, tl.minimum(stored * EVERY + 2, N)):
+            ig = gap * C + r
+            g_ok = ig < T
+            do = tl.load(do_ptr + ig[:, None] * sot + d[None, :], mask=g_ok[:, None], other=0.0)
+            rden = 1.0 / tl.load(DEN + stat + ig, mask=g_ok, other=1.0)
+            fq = tl.load(fq_ptr + ig[:, None] * sft + f[None, :], mask=g_ok[:, None], other=0.0).to(DT)
+            dv += tl.dot(tl.dot(fk_t, tl.trans(fq)).to(DT), (do.to(tl.float32) * rden[:, None]).to(DT))
+    if WINDOW > 0:
+        k_t = tl.load(k_ptr + j[:, None] * skt + d[None, :], mask=k_ok[:, None], other=0.0)
+    # the two query chunks whose local blocks hold these keys: chunk mc (i >= j) and chunk mc+1
+    for near in tl.static_range(2):
+        i = j + near * C
+        q_ok = i < T
+        do = tl.load(do_ptr + i[:, None] * sot + d[None, :], mask=q_ok[:, None], other=0.0)
+        rden = 1.0 / tl.load(DEN + stat + i, mask=q_ok, other=1.0)
+        winT, linT = pair_masks(i[None, :], j[:, None], k_ok[:, None] & q_ok[None, :], WINDOW, TERRACE)
+        # key-major blocks [C keys, C queries]
+        if WINDOW > 0:
+            delta = tl.load(DELTA + stat + i, mask=q_ok, other=0.0)
+            dpT = (tl.dot(v_t, tl.trans(do)) - delta[None, :]) * rden[None, :]
+            qt = tl.load(q_ptr + i[:, None] * sqt + d[None, :], mask=q_ok[:, None], other=0.0)
+            m = tl.load(MAX + stat + i, mask=q_ok, other=0.0)
+            dm = tl.load(DMAX + stat + i, mask=q_ok, other=0.0)
+            arg = tl.load(ARGMAX + stat + i, mask=q_ok, other=-1)
+            aT = tl.where(winT, g * tl.exp(tl.dot(k_t, tl.trans(qt)) * scale - m[None, :]), 0.0)
+            dsT = aT * dpT + tl.where(j[:, None] == arg[None, :], dm[None, :], 0.0)
+            dk += tl.dot(dsT.to(DT), qt) * scale
+        else:
+            aT = tl.zeros([C, C], dtype=tl.float32)
+        if near >= LIN_FROM:
+            fq = tl.load(fq_ptr + i[:, None] * sft + f[None, :], mask=q_ok[:, None], other=0.0).to(DT)
+            aT += tl.where(linT, tl.dot(fk_t, tl.trans(fq)), 0.0)  # window and linear pairs are disjoint
+        dv += tl.dot(aT.to(DT), (do.to(tl.float32) * rden[:, None]).to(DT))
+    if WINDOW > 0:
+        tl.store(DK + b * sgb + h * sgh + j[:, None] * sgt + d[None, :], dk.to(DK.dtype.element_ty),
+                 mask=k_ok[:, None])
+    tl.store(DV + b * sgb + h * sgh + j[:, None] * sgt + d[None, :], dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+
+
+@triton.jit
+def _bwd_key_feature_kernel(
+    FQ, V, DSTATES, DZS, DO, DEN, DELTA, DFK,
+    svb, svh, svt, sob, soh, sot, sfb, sfh, sft,
+    T,
+    H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+    C: tl.constexpr, WINDOW: tl.constexpr, TERRACE: tl.constexpr, EVERY: tl.constexpr, LIN_FROM: tl.constexpr,
+):
+    """Program (key chunk, (b, h)): dfk [B,H,T,F] with fq's strides."""
+    mc, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    v_ptr = V + b * svb + (h // GROUP) * svh
+    do_ptr = DO + b * sob + h * soh
+    fq_ptr = FQ + b * sfb + h * sfh
+    stat = pid_bh.to(tl.int64) * T
+    N = tl.cdiv(T, C)
+    NS = tl.cdiv(N, EVERY)
+    stored = tl.cdiv(mc, EVERY)  # as in _bwd_key_value_kernel
+    state = pid_bh.to(tl.int64) * NS + stored
+    has_state = stored < NS
+    DT = V.dtype.element_ty
+
+    r = tl.arange(0, C)
+    d = tl.arange(0, D)
+    f = tl.arange(0, F)
+    j = mc * C + r
+    k_ok = j < T
+    v_t = tl.load(v_ptr + j[:, None] * svt + d[None, :], mask=k_ok[:, None], other=0.0)
+    dS = tl.load(DSTATES + state * F * D + f[:, None] * D + d[None, :], mask=has_state, other=0.0)
+    dfk = tl.dot(v_t, tl.trans(dS)) - tl.load(DZS + state * F + f, mask=has_state, other=0.0)[None, :]
+    # the local blocks that hold linear pairs, then the query chunks up to the stored dS
+    for near in range(LIN_FROM, tl.minimum(stored * EVERY + 2, N) - mc):
+        i = j + near * C
+        q_ok = i < T
+        do = tl.load(do_ptr + i[:, None] * sot + d[None, :], mask=q_ok[:, None], other=0.0)
+        rden = 1.0 / tl.load(DEN + stat + i, mask=q_ok, other=1.0)
+        delta = tl.load(DELTA + stat + i, mask=q_ok, other=0.0)
+        fq = tl.load(fq_ptr + i[:, None] * sft + f[None, :], mask=q_ok[:, None], other=0.0).to(DT)
+        dpT = (tl.dot(v_t, tl.trans(do)) - delta[None, :]) * rden[None, :]
+        _, linT = pair_masks(i[None, :], j[:, None], k_ok[:, None] & q_ok[None, :], WINDOW, TERRACE)
+        dfk += tl.dot(tl.where(linT, dpT, 0.0).to(DT), fq)
+    tl.store(DFK + b * sfb + h * sfh + j[:, None] * sft + f[None, :], dfk.to(DFK.dtype.element_ty),
+             mask=k_ok[:, None])
+
+
+def hybrid_attention_chunk_bwd(q, k, v, fq, fk, gamma, o, den, max_, states, zs, do, window_size: int,
+                               terrace: bool, scale: float, chunk: int, every: int, dstate_every: int):
+    """-> dq, dk, dv, dfq, dfk, dgamma (None where an input does not reach the output). `every`: the
+    forward's state spacing; `dstate_every`: the spacing of the gradient states stored here."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    N = triton.cdiv(T, chunk)
+    do = do.contiguous()  # o's layout: the two share strides in the kernels
+    meta = kernel_meta(q, k, fq, gamma, window_size, terrace, chunk)
+    has_window, has_linear = window_size > 0, fq is not None
+    feats = (fq, fk) if has_linear else (q, q)
+    dq = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device) if has_window else None
+    dfq = torch.empty_like(fq) if has_linear else None
+    dmax = torch.empty_like(den)
+    argmax = torch.empty(B, H, T, device=q.device, dtype=torch.int32)
+    dgamma = torch.empty(B, H, N, device=q.device, dtype=torch.float32)  # a partial per chunk
+    gamma_arg = gamma if gamma is not None else den
+    sums_passed = has_window and has_linear and gamma is not None
+    win_sums = torch.empty(2, B, H, T, device=q.device, dtype=torch.float32) if sums_passed else den
+    delta = chunk_delta(o, do, chunk)
+    dstates, dzs = chunk_states_bwd(fq, do, den, delta, chunk, dstate_every) if has_linear else (den, den)
+    for side in (1,) * has_window + (2,) * has_linear:
+        _bwd_query_kernel[(N, B * H)](
+            q, k, v, *feats, states if has_linear else den, zs if has_linear else den, gamma_arg,
+            do, den, max_, delta, dq if has_window else q, dfq if has_linear else q, dmax, argmax, dgamma,
+            win_sums, *bht_strides(q), *bht_strides(k), *bht_strides(v), *bht_strides(do), *bht_strides(feats[0]),
+            T, scale, SIDE=side, EVERY=every, **meta)
+    # dk, dv per query head, then summed over each group of heads sharing a key/value head
+    dk_heads = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
+    dv_heads = torch.empty_like(dk_heads)
+    _bwd_key_value_kernel[(N, B * H)](
+        q, k, v, *feats, dstates, gamma_arg, do, den, max_, delta, dmax, argmax, dk_heads, dv_heads,
+        *bht_strides(q), *bht_strides(k), *bht_strides(v), *bht_strides(do), *bht_strides(feats[0]),
+        *bht_strides(dk_heads), T, scale, EVERY=dstate_every, **meta)
+    dk = dk_heads.view(B, Hkv, H // Hkv, T, D).sum(2, dtype=torch.float32).to(k.dtype) if has_window else None
+    dv = dv_heads.view(B, Hkv, H // Hkv, T, D).sum(2, dtype=torch.float32).to(v.dtype)
+    dfk = None
+    if has_linear:
+        dfk = torch.empty_like(fk)
+        _bwd_key_feature_kernel[(N, B * H)](
+            fq, v, dstates, dzs, do, den, delta, dfk, *bht_strides(v), *bht_strides(do), *bht_strides(fq), T,
+            EVERY=dstate_every, **{k_: meta[k_] for k_ in ("H", "GROUP", "D", "F", "C", "WINDOW", "TERRACE",
+                                                            "LIN_FROM", "num_warps", "num_stages")})
+    if gamma is None:
+        dgamma = None
+    elif has_linear:
+        dgamma = dgamma.sum((0, 2)).to(gamma.dtype)
+    else:  # window only: gamma scales every weight and cancels in the shared normaliser
+        dgamma = torch.zeros_like(gamma)
+    return dq, dk, dv, dfq, dfk, dgamma
