@@ -28,8 +28,8 @@ from .naive import check_inputs
 # Stored states: S, z of every STATE_EVERY-th chunk (forward and query side), dS, dz of every
 # DSTATE_EVERY-th (key side). A 128 x 128 state per 64 tokens is twice the size of q: storing every
 # chunk's made them most of the forward's memory traffic. Measured on an H100 (Llama-3-8B layer,
-# B.T = 32K, T 1K / 4K / 32K): 2 and 2 ran the forward 1.3-1.4x faster than 1 and 1; 4 and 2 won
-# the forward at 32K (1.11 vs 1.23 ms) but lost forward+backward at every length; 8 lost both.
+# B.T = 32K): 2 and 2 ran the forward 1.18x (T 1K) and 1.26x (T 32K) faster than 1 and 1; 4 and 2
+# won the forward at 32K (1.11 vs 1.23 ms) but lost forward+backward at T 1K, 4K and 32K; 8 lost both.
 STATE_EVERY, DSTATE_EVERY = 2, 2
 
 
@@ -124,7 +124,6 @@ def hybrid_attention_chunk_fwd(q, k, v, fq, fk, gamma, window_size: int, terrace
         *bht_strides(q), *bht_strides(k), *bht_strides(v), *bht_strides(o), *bht_strides(feats[0]),
         T, scale, EVERY=every, **kernel_meta(q, k, fq, gamma, window_size, terrace, chunk))
     return o, den, max_, states, zs
-
 
 
 class HybridAttentionChunkFunction(torch.autograd.Function):
