@@ -311,8 +311,8 @@ def hybrid_attention_chunk_bwd(q, k, v, fq, fk, gamma, o, den, max_, states, zs,
             win_sums, *bht_strides(q), *bht_strides(k), *bht_strides(v), *bht_strides(do), *bht_strides(feats[0]),
             T, scale, SIDE=side, EVERY=every, **meta)
     # dk, dv per query head, then summed over each group of heads sharing a key/value head
-    dk_heads = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
-    dv_heads = torch.empty_like(dk_heads)
+    dv_heads = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
+    dk_heads = torch.empty_like(dv_heads) if has_window else dv_heads  # without a window dk is never written
     _bwd_key_value_kernel[(N, B * H)](
         q, k, v, *feats, dstates, gamma_arg, do, den, max_, delta, dmax, argmax, dk_heads, dv_heads,
         *bht_strides(q), *bht_strides(k), *bht_strides(v), *bht_strides(do), *bht_strides(feats[0]),
