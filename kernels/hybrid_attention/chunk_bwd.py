@@ -1,20 +1,25 @@
 """The backward of the chunked hybrid attention (`chunk.py`): one step's gradient kernels.
 
-After `chunk_state.py` has stored delta = do . o and the gradient states dS = sum fq^T do/den,
-dz = sum fq delta/den (every DSTATE_EVERY-th key chunk), four launches run, each one program per
-(chunk, head) in parallel:
-  _bwd_query_kernel SIDE 1   window side of query chunk n: dq, the window-max gradient dm and its
-                             argmax key, and dgamma's window sums;
-                    SIDE 2   linear side: dfq (local blocks, the forward's S, z, and the chunks
+The launches, each one program per (chunk, head) in parallel unless said otherwise:
+  _bwd_query_kernel SIDE 1   window side of query chunk n: delta = do . o, dq, the window-max
+                             gradient dm and its argmax key, and dgamma's window sums;
+  (chunk_state.py)           the gradient states dS = sum fq^T do/den, dz = sum fq delta/den of
+                             every DSTATE_EVERY-th key chunk (a scan; delta from its own pass
+                             when there is no window side);
+  _bwd_query_kernel SIDE 2   linear side: dfq (local blocks, the forward's S, z, and the chunks
                              between a stored state and n-1) and dgamma's partial;
-  _bwd_key_value_kernel      one query head's share of dk, dv of one key chunk (the launcher sums
-                             each GQA group);
+  _bwd_key_value_kernel      one query head's share of dk and/or dv of one key chunk: dk and dv
+                             in launches of their own at head dim >= SPLIT_DK_DV_FROM, one launch
+                             below;
+  _group_sum_kernel          dk, dv summed over each GQA group, one program per (rows, kv head);
   _bwd_key_feature_kernel    dfk of one key chunk of one query head (dS, dz, local blocks, and the
                              query chunks between chunk m+1 and the stored dS).
-Every program holds one [C,D] or [C,F] accumulator (two for dk, dv): with every accumulator of a
-side in one program (as before) the kernels spilled more registers and ran 1.15-1.2x slower on an
-H100. Local blocks without linear pairs (`chunk_blocks.linear_from`: none at all for the default
-terrace window of 64) skip their feature dots.
+Every program holds one [C,D] or [C,F] accumulator (two for dk, dv below SPLIT_DK_DV_FROM): with
+more accumulators in one program the kernels spilled registers and ran slower on an H100 (all of
+a side together: 1.15-1.2x; dk with dv at head dim 128: 1.25x). Local blocks without linear pairs
+(`chunk_blocks.linear_from`: none at all for the default terrace window of 64) skip their feature
+dots. Computing delta on the window side instead of in a pass of its own, which re-read do, saved
+0.07 ms net at the 8B shape (T 1K).
 The max m_i stabilises the window part only and the linear part is not scaled by it, so the output
 depends on m_i: its gradient dm_i = -sum_j A_ij dp_ij flows to the argmax key, as through the
 reference's amax (ties, which random data never produce, go to one key instead of being split).
@@ -27,10 +32,16 @@ from ..strides import bht_strides
 from .chunk_blocks import kernel_meta, pair_masks
 from .chunk_state import chunk_delta, chunk_states_bwd
 
+# Head dims from which dk and dv get launches of their own (each recomputing k q^T). Measured on an
+# H100 (Llama-3-8B layer, B.T = 32K, T 1K): at head dim 128 the two [64,128] fp32 accumulators of
+# one program spilled and the split ran 1.25 ms against 1.57; at 64 (SmolLM2) the split lost (0.26 vs
+# 0.19 ms).
+SPLIT_DK_DV_FROM = 128
+
 
 @triton.jit
 def _bwd_query_kernel(
-    Q, K, V, FQ, FK, STATES, ZS, GAMMA, DO, DEN, MAX, DELTA,
+    Q, K, V, FQ, FK, STATES, ZS, GAMMA, DO, O, DEN, MAX, DELTA,
     DQ, DFQ, DMAX, ARGMAX, DGAMMA, WIN_SUMS,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sfb, sfh, sft,
     T, scale,
@@ -39,9 +50,10 @@ def _bwd_query_kernel(
     HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr, EVERY: tl.constexpr, SIDE: tl.constexpr,
     LIN_FROM: tl.constexpr,
 ):
-    """q and dq share strides, as do fq, fk and dfq; DGAMMA holds one partial per (b, h, chunk).
-    SIDE 1: the window side (dq, dm, argmax); SIDE 2, launched after it: the linear side (dfq,
-    dgamma). The window side hands dgamma's window sums to the linear side through WIN_SUMS [2,B,H,T]."""
+    """q and dq share strides, as do fq, fk and dfq, and o and do; DGAMMA holds one partial per (b,
+    h, chunk). SIDE 1: the window side (delta, written for the launches after it, dq, dm, argmax);
+    SIDE 2, launched after it (or alone without a window): the linear side (dfq, dgamma). The window
+    side hands dgamma's window sums to the linear side through WIN_SUMS [2,B,H,T]."""
     n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     hk = h // GROUP
@@ -69,7 +81,12 @@ def _bwd_query_kernel(
     q_ok, p_ok = i < T, jp >= 0
     do = tl.load(do_ptr + i[:, None] * sot + d[None, :], mask=q_ok[:, None], other=0.0)
     rden = 1.0 / tl.load(DEN + stat + i, mask=q_ok, other=1.0)
-    delta = tl.load(DELTA + stat + i, mask=q_ok, other=0.0)
+    if SIDE == 1:  # delta_i = do_i . o_i, for the launches after this one
+        o = tl.load(O + b * sob + h * soh + i[:, None] * sot + d[None, :], mask=q_ok[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + stat + i, delta, mask=q_ok)
+    else:
+        delta = tl.load(DELTA + stat + i, mask=q_ok, other=0.0)
     v_cur = tl.load(v_ptr + i[:, None] * svt + d[None, :], mask=q_ok[:, None], other=0.0)
     v_prev = tl.load(v_ptr + jp[:, None] * svt + d[None, :], mask=p_ok[:, None], other=0.0)
     # dL/dp_ij for every pair weight p_ij (window or linear) of the shared normaliser
@@ -163,10 +180,11 @@ def _bwd_key_value_kernel(
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
     C: tl.constexpr, WINDOW: tl.constexpr, TERRACE: tl.constexpr,
     HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr, EVERY: tl.constexpr, LIN_FROM: tl.constexpr,
+    WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
 ):
-    """Program (key chunk, (b, h)): this query head's share of dk, dv, into [B,H,T,D] buffers
-    (strides sg*) that the caller sums over each GQA group. Walking the group's heads here instead,
-    into one pair of accumulators, spilled more and ran 1.3x slower on an H100."""
+    """Program (key chunk, (b, h)): this query head's share of dk (WITH_DK) and/or dv (WITH_DV), into
+    [B,H,T,D] buffers (strides sg*) that the caller sums over each GQA group. Walking the group's
+    heads here instead, into one accumulator each, ran 1.3x (both) and 2x (split) slower on an H100."""
     mc, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     hk = h // GROUP
@@ -192,7 +210,7 @@ def _bwd_key_value_kernel(
     v_t = tl.load(v_ptr + j[:, None] * svt + d[None, :], mask=k_ok[:, None], other=0.0)
     dk = tl.zeros([C, D], dtype=tl.float32)
     dv = tl.zeros([C, D], dtype=tl.float32)
-    if HAS_LINEAR:
+    if HAS_LINEAR and WITH_DV:
         fk_t = tl.load(FK + b * sfb + h * sfh + j[:, None] * sft + f[None, :], mask=k_ok[:, None],
                        other=0.0).to(DT)
         # every query chunk >= mc+2 sees these keys only through the state ...
@@ -217,25 +235,54 @@ def _bwd_key_value_kernel(
         winT, linT = pair_masks(i[None, :], j[:, None], k_ok[:, None] & q_ok[None, :], WINDOW, TERRACE)
         # key-major blocks [C keys, C queries]
         if WINDOW > 0:
-            delta = tl.load(DELTA + stat + i, mask=q_ok, other=0.0)
-            dpT = (tl.dot(v_t, tl.trans(do)) - delta[None, :]) * rden[None, :]
+            if WITH_DK:
+                delta = tl.load(DELTA + stat + i, mask=q_ok, other=0.0)
+                dpT = (tl.dot(v_t, tl.trans(do)) - delta[None, :]) * rden[None, :]
             qt = tl.load(q_ptr + i[:, None] * sqt + d[None, :], mask=q_ok[:, None], other=0.0)
             m = tl.load(MAX + stat + i, mask=q_ok, other=0.0)
-            dm = tl.load(DMAX + stat + i, mask=q_ok, other=0.0)
-            arg = tl.load(ARGMAX + stat + i, mask=q_ok, other=-1)
             aT = tl.where(winT, g * tl.exp(tl.dot(k_t, tl.trans(qt)) * scale - m[None, :]), 0.0)
-            dsT = aT * dpT + tl.where(j[:, None] == arg[None, :], dm[None, :], 0.0)
-            dk += tl.dot(dsT.to(DT), qt) * scale
+            if WITH_DK:
+                dm = tl.load(DMAX + stat + i, mask=q_ok, other=0.0)
+                arg = tl.load(ARGMAX + stat + i, mask=q_ok, other=-1)
+                dsT = aT * dpT + tl.where(j[:, None] == arg[None, :], dm[None, :], 0.0)
+                dk += tl.dot(dsT.to(DT), qt) * scale
         else:
             aT = tl.zeros([C, C], dtype=tl.float32)
-        if near >= LIN_FROM:
-            fq = tl.load(fq_ptr + i[:, None] * sft + f[None, :], mask=q_ok[:, None], other=0.0).to(DT)
-            aT += tl.where(linT, tl.dot(fk_t, tl.trans(fq)), 0.0)  # window and linear pairs are disjoint
-        dv += tl.dot(aT.to(DT), (do.to(tl.float32) * rden[:, None]).to(DT))
-    if WINDOW > 0:
+        if WITH_DV:
+            if near >= LIN_FROM:
+                fq = tl.load(fq_ptr + i[:, None] * sft + f[None, :], mask=q_ok[:, None], other=0.0).to(DT)
+                aT += tl.where(linT, tl.dot(fk_t, tl.trans(fq)), 0.0)  # window and linear pairs are disjoint
+            dv += tl.dot(aT.to(DT), (do.to(tl.float32) * rden[:, None]).to(DT))
+    if WITH_DK:
         tl.store(DK + b * sgb + h * sgh + j[:, None] * sgt + d[None, :], dk.to(DK.dtype.element_ty),
                  mask=k_ok[:, None])
-    tl.store(DV + b * sgb + h * sgh + j[:, None] * sgt + d[None, :], dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+    if WITH_DV:
+        tl.store(DV + b * sgb + h * sgh + j[:, None] * sgt + d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=k_ok[:, None])
+
+
+@triton.jit
+def _group_sum_kernel(X, Y, T, GROUP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    """Program (rows, (b, kv head)): Y [B,Hkv,T,D] = sum of the GROUP heads of X [B,H,T,D] (both
+    contiguous), in fp32 registers: one read of each share and one write."""
+    n, pid = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    rows = n * BT + tl.arange(0, BT)
+    offsets = rows[:, None] * D + tl.arange(0, D)[None, :]
+    ok = rows[:, None] < T
+    acc = tl.zeros([BT, D], dtype=tl.float32)
+    for head in tl.static_range(GROUP):
+        acc += tl.load(X + (pid * GROUP + head) * T * D + offsets, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + pid * T * D + offsets, acc.to(Y.dtype.element_ty), mask=ok)
+
+
+def group_sum(shares: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B,H,T,D] contiguous per-query-head shares -> [B,Hkv,T,D] sums over each group of heads sharing
+    a key/value head (a PyTorch sum read each share, wrote fp32, then cast: 0.48 vs 0.22 ms at 8B)."""
+    B, H, T, D = shares.shape
+    out = torch.empty(B, kv_heads, T, D, device=shares.device, dtype=dtype)
+    _group_sum_kernel[(triton.cdiv(T, 64), B * kv_heads)](shares, out, T, GROUP=H // kv_heads, D=D, BT=64,
+                                                            num_warps=4)
+    return out
 
 
 @triton.jit
@@ -302,23 +349,35 @@ def hybrid_attention_chunk_bwd(q, k, v, fq, fk, gamma, o, den, max_, states, zs,
     gamma_arg = gamma if gamma is not None else den
     sums_passed = has_window and has_linear and gamma is not None
     win_sums = torch.empty(2, B, H, T, device=q.device, dtype=torch.float32) if sums_passed else den
-    delta = chunk_delta(o, do, chunk)
-    dstates, dzs = chunk_states_bwd(fq, do, den, delta, chunk, dstate_every) if has_linear else (den, den)
-    for side in (1,) * has_window + (2,) * has_linear:
+
+    def query_side(side: int) -> None:
         _bwd_query_kernel[(N, B * H)](
             q, k, v, *feats, states if has_linear else den, zs if has_linear else den, gamma_arg,
-            do, den, max_, delta, dq if has_window else q, dfq if has_linear else q, dmax, argmax, dgamma,
+            do, o, den, max_, delta, dq if has_window else q, dfq if has_linear else q, dmax, argmax, dgamma,
             win_sums, *bht_strides(q), *bht_strides(k), *bht_strides(v), *bht_strides(do), *bht_strides(feats[0]),
             T, scale, SIDE=side, EVERY=every, **meta)
+
+    if has_window:  # the window side computes delta for the launches after it
+        delta = torch.empty_like(den)
+        query_side(1)
+    else:
+        delta = chunk_delta(o, do, chunk)
+    dstates, dzs = den, den
+    if has_linear:
+        dstates, dzs = chunk_states_bwd(fq, do, den, delta, chunk, dstate_every)
+        query_side(2)
     # dk, dv per query head, then summed over each group of heads sharing a key/value head
+    dk_heads = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype) if has_window else None
     dv_heads = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
-    dk_heads = torch.empty_like(dv_heads) if has_window else dv_heads  # without a window dk is never written
-    _bwd_key_value_kernel[(N, B * H)](
-        q, k, v, *feats, dstates, gamma_arg, do, den, max_, delta, dmax, argmax, dk_heads, dv_heads,
-        *bht_strides(q), *bht_strides(k), *bht_strides(v), *bht_strides(do), *bht_strides(feats[0]),
-        *bht_strides(dk_heads), T, scale, EVERY=dstate_every, **meta)
-    dk = dk_heads.view(B, Hkv, H // Hkv, T, D).sum(2, dtype=torch.float32).to(k.dtype) if has_window else None
-    dv = dv_heads.view(B, Hkv, H // Hkv, T, D).sum(2, dtype=torch.float32).to(v.dtype)
+    split = has_window and D >= SPLIT_DK_DV_FROM
+    for with_dk, with_dv in ((True, False), (False, True)) if split else ((has_window, True),):
+        _bwd_key_value_kernel[(N, B * H)](
+            q, k, v, *feats, dstates, gamma_arg, do, den, max_, delta, dmax, argmax,
+            dk_heads if has_window else dv_heads, dv_heads,
+            *bht_strides(q), *bht_strides(k), *bht_strides(v), *bht_strides(do), *bht_strides(feats[0]),
+            *bht_strides(dv_heads), T, scale, EVERY=dstate_every, WITH_DK=with_dk, WITH_DV=with_dv, **meta)
+    dk = group_sum(dk_heads, Hkv, k.dtype) if has_window else None
+    dv = group_sum(dv_heads, Hkv, v.dtype)
     dfk = None
     if has_linear:
         dfk = torch.empty_like(fk)

@@ -9,6 +9,7 @@ import torch
 
 from kernels.hybrid_attention import BACKENDS, hybrid_attention_chunk, hybrid_attention_parallel
 from kernels.hybrid_attention import chunk as chunk_module
+from kernels.hybrid_attention import chunk_bwd as chunk_bwd_module
 from kernels.hybrid_attention.chunk_blocks import check_dtype, chunk_size, linear_from
 from kernels.hybrid_attention.windows import window_kind
 from pipeline.hybrid.attention import resolve_backend
@@ -60,6 +61,15 @@ def test_states_stored_every_few_chunks_give_the_same_values_and_gradients(mode,
     monkeypatch.setattr(chunk_module, "STATE_EVERY", every)
     monkeypatch.setattr(chunk_module, "DSTATE_EVERY", dstate_every)
     compare(make_inputs(1, 2, 1, 260, 16, 16, mode), window_for(mode, 32), window)  # 5 chunks of 64
+
+
+@pytest.mark.parametrize("split_from", [0, 10**6])
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("mode", ["hybrid", "window_only"])  # linear-only has no dk
+def test_dk_and_dv_in_one_launch_or_two_give_the_same_gradients(mode, window, split_from, monkeypatch):
+    """dk and dv get launches of their own from head dim chunk_bwd.SPLIT_DK_DV_FROM (128) on."""
+    monkeypatch.setattr(chunk_bwd_module, "SPLIT_DK_DV_FROM", split_from)
+    compare(make_inputs(1, 4, 2, 150, 16, 16, mode), window_for(mode, 32), window)
 
 
 def test_half_precision_inputs_accumulate_in_fp32():
