@@ -3,7 +3,8 @@
 `naive.py` is the quadratic oracle, `parallel.py` the chunked PyTorch form (CPU path and reference),
 `recurrent.py` the decode form, `chunk.py` the Triton training/prefill kernels (backward in
 `chunk_bwd.py`, shared block logic in `chunk_blocks.py`, per-chunk linear states from the scans in
-`chunk_state.py`). Backends sit in `BACKENDS`; `hybrid_attention` dispatches to one.
+`chunk_state.py`, GQA sums of the key gradients in `group_sum.py`). Backends sit in `BACKENDS`;
+`hybrid_attention` dispatches to one.
 """
 from typing import Callable
 

@@ -11,7 +11,7 @@ The launches, each one program per (chunk, head) in parallel unless said otherwi
   _bwd_key_value_kernel      one query head's share of dk and/or dv of one key chunk: dk and dv
                              in launches of their own at head dim >= SPLIT_DK_DV_FROM, one launch
                              below;
-  _group_sum_kernel          dk, dv summed over each GQA group, one program per (rows, kv head);
+  group_sum.py               dk, dv summed over each GQA group, one program per (rows, kv head);
   _bwd_key_feature_kernel    dfk of one key chunk of one query head (dS, dz, local blocks, and the
                              query chunks between chunk m+1 and the stored dS).
 Every program holds one [C,D] or [C,F] accumulator (two for dk, dv below SPLIT_DK_DV_FROM): with
@@ -31,6 +31,7 @@ import triton.language as tl
 from ..strides import bht_strides
 from .chunk_blocks import kernel_meta, pair_masks
 from .chunk_state import chunk_delta, chunk_states_bwd
+from .group_sum import group_sum
 
 # Head dims from which dk and dv get launches of their own (each recomputing k q^T). Measured on an
 # H100 (Llama-3-8B layer, B.T = 32K, T 1K): at head dim 128 the two [64,128] fp32 accumulators of
@@ -259,32 +260,6 @@ def _bwd_key_value_kernel(
     if WITH_DV:
         tl.store(DV + b * sgb + h * sgh + j[:, None] * sgt + d[None, :], dv.to(DV.dtype.element_ty),
                  mask=k_ok[:, None])
-
-
-@triton.jit
-def _group_sum_kernel(X, Y, T, GROUP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
-    """Program (rows, (b, kv head)): Y [B,Hkv,T,D] = sum of the GROUP heads of X [B,H,T,D] (both
-    contiguous), in fp32 registers: one read of each share and one write."""
-    n, pid = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    rows = n * BT + tl.arange(0, BT)
-    offsets = rows[:, None] * D + tl.arange(0, D)[None, :]
-    ok = rows[:, None] < T
-    acc = tl.zeros([BT, D], dtype=tl.float32)
-    for head in tl.static_range(GROUP):
-        acc += tl.load(X + (pid * GROUP + head) * T * D + offsets, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Y + pid * T * D + offsets, acc.to(Y.dtype.element_ty), mask=ok)
-
-
-def group_sum(shares: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B,H,T,D] contiguous per-query-head shares -> [B,Hkv,T,D] sums over each group of heads sharing
-    a key/value head (a PyTorch sum read each share, wrote fp32, then cast: 0.48 vs 0.22 ms at 8B)."""
-    B, H, T, D = shares.shape
-    if H == kv_heads and shares.dtype == dtype:  # no GQA: the shares are the sums
-        return shares
-    out = torch.empty(B, kv_heads, T, D, device=shares.device, dtype=dtype)
-    _group_sum_kernel[(triton.cdiv(T, 64), B * kv_heads)](shares, out, T, GROUP=H // kv_heads, D=D, BT=64,
-                                                            num_warps=4)
-    return out
 
 
 @triton.jit

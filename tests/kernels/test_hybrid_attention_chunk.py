@@ -11,6 +11,7 @@ from kernels.hybrid_attention import BACKENDS, hybrid_attention_chunk, hybrid_at
 from kernels.hybrid_attention import chunk as chunk_module
 from kernels.hybrid_attention import chunk_bwd as chunk_bwd_module
 from kernels.hybrid_attention.chunk_blocks import check_dtype, chunk_size, linear_from
+from kernels.hybrid_attention.group_sum import group_sum
 from kernels.hybrid_attention.windows import window_kind
 from pipeline.hybrid.attention import resolve_backend
 from tests.assertions import assert_close
@@ -70,6 +71,13 @@ def test_dk_and_dv_in_one_launch_or_two_give_the_same_gradients(mode, window, sp
     """dk and dv get launches of their own from head dim chunk_bwd.SPLIT_DK_DV_FROM (128) on."""
     monkeypatch.setattr(chunk_bwd_module, "SPLIT_DK_DV_FROM", split_from)
     compare(make_inputs(1, 4, 2, 150, 16, 16, mode), window_for(mode, 32), window)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (3, 3)])
+def test_group_sum_adds_the_shares_of_each_kv_head(heads, kv_heads):
+    shares = torch.randn(2, heads, 70, 16)  # 70 rows: a ragged second block of 64
+    expected = shares.view(2, kv_heads, heads // kv_heads, 70, 16).sum(2)
+    assert torch.allclose(group_sum(shares, kv_heads, torch.float32), expected, atol=1e-6)
 
 
 def test_half_precision_inputs_accumulate_in_fp32():

@@ -1,0 +1,35 @@
+"""Sums of per-query-head gradient shares over each GQA group (the chunk backward's dk and dv).
+
+A key/value head serves GROUP query heads; the backward's key-side kernels write each query head's
+share, and this sums them in fp32 registers: one read of each share and one write. PyTorch's sum
+(read each share, write fp32, cast) took 0.48 ms against 0.22 at the Llama-3-8B shape on an H100.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _group_sum_kernel(X, Y, T, GROUP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    """Program (rows, (b, kv head)): Y [B,Hkv,T,D] = sum of the GROUP heads of X [B,H,T,D] (both
+    contiguous), in fp32 registers: one read of each share and one write."""
+    n, pid = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    rows = n * BT + tl.arange(0, BT)
+    offsets = rows[:, None] * D + tl.arange(0, D)[None, :]
+    ok = rows[:, None] < T
+    acc = tl.zeros([BT, D], dtype=tl.float32)
+    for head in tl.static_range(GROUP):
+        acc += tl.load(X + (pid * GROUP + head) * T * D + offsets, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + pid * T * D + offsets, acc.to(Y.dtype.element_ty), mask=ok)
+
+
+def group_sum(shares: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B,H,T,D] contiguous per-query-head shares -> [B,Hkv,T,D] sums over each group of heads sharing
+    a key/value head, in `dtype`."""
+    B, H, T, D = shares.shape
+    if H == kv_heads and shares.dtype == dtype:  # no GQA: the shares are the sums
+        return shares
+    out = torch.empty(B, kv_heads, T, D, device=shares.device, dtype=dtype)
+    _group_sum_kernel[(triton.cdiv(T, 64), B * kv_heads)](shares, out, T, GROUP=H // kv_heads, D=D, BT=64,
+                                                            num_warps=4)
+    return out
