@@ -2,24 +2,28 @@
 
 The launches, each one program per (chunk, head) in parallel unless said otherwise:
   _bwd_query_kernel SIDE 1   window side of query chunk n: delta = do . o, dq, the window-max
-                             gradient dm and its argmax key, and dgamma's window sums;
+                             gradient, dgamma's window sums, and this head's shares of dk for the
+                             keys of chunks n and n-1 (ds^T q: the window scores' gradient ds is
+                             already in registers here);
   (chunk_state.py)           the gradient states dS = sum fq^T do/den, dz = sum fq delta/den of
                              every DSTATE_EVERY-th key chunk (a scan; delta from its own pass
                              when there is no window side);
   _bwd_query_kernel SIDE 2   linear side: dfq (local blocks, the forward's S, z, and the chunks
                              between a stored state and n-1) and dgamma's partial;
-  _bwd_key_value_kernel      one query head's share of dk and/or dv of one key chunk: dk and dv
-                             in launches of their own at head dim >= SPLIT_DK_DV_FROM, one launch
-                             below;
-  group_sum.py               dk, dv summed over each GQA group, one program per (rows, kv head);
+  _bwd_value_kernel          one query head's share of dv of one key chunk;
+  group_sum.py               the dk and dv shares summed over each GQA group, one program per
+                             (rows, kv head);
   _bwd_key_feature_kernel    dfk of one key chunk of one query head (dS, dz, local blocks, and the
                              query chunks between chunk m+1 and the stored dS).
-Every program holds one [C,D] or [C,F] accumulator (two for dk, dv below SPLIT_DK_DV_FROM): with
-more accumulators in one program the kernels spilled registers and ran slower on an H100 (all of
-a side together: 1.15-1.2x; dk with dv at head dim 128: 1.25x). Local blocks without linear pairs
-(`chunk_blocks.linear_from`: none at all for the default terrace window of 64) skip their feature
-dots. Computing delta on the window side instead of in a pass of its own, which re-read do, saved
-0.07 ms net at the 8B shape (T 1K).
+Every program holds one [C,D] or [C,F] accumulator: with more in one program the kernels spilled
+registers and ran slower on an H100 (all of a side together: 1.15-1.2x; dk with dv at head dim
+128: 1.25x). Local blocks without linear pairs (`chunk_blocks.linear_from`: none at all for the
+default terrace window of 64) skip their feature dots. Measured there (Llama-3-8B layer, T 1K):
+delta on the window side instead of in a pass of its own, which re-read do, saved 0.07 ms; dk
+from the window side's ds (two dots and two [C,D] share writes there, eight shares per key in the
+GQA sum) instead of a key-side launch that recomputed the scores and their gradient for every
+key chunk: 0.87 + 0.21 ms against 0.69 + 0.63 + 0.11 (fp32 atomics into one dk per kv head instead
+of the shares: as fast at T 1K, slower at 32K).
 The max m_i stabilises the window part only and the linear part is not scaled by it, so the output
 depends on m_i: its gradient dm_i = -sum_j A_ij dp_ij flows to the argmax key, as through the
 reference's amax (ties, which random data never produce, go to one key instead of being split).
@@ -33,18 +37,17 @@ from .chunk_blocks import kernel_meta, pair_masks
 from .chunk_state import chunk_delta, chunk_states_bwd
 from .group_sum import group_sum
 
-# Head dims from which dk and dv get launches of their own (each recomputing k q^T). Measured on an
-# H100 (Llama-3-8B layer, B.T = 32K, T 1K): at head dim 128 the two [64,128] fp32 accumulators of
-# one program spilled and the split ran 1.25 ms against 1.57; at 64 (SmolLM2) the split lost (0.26 vs
-# 0.19 ms).
-SPLIT_DK_DV_FROM = 128
+# Register cap of the dfk launch: at 168 three programs fit an SM instead of two. H100, triton 3.6:
+# 0.32 -> 0.30 ms (Llama-3-8B layer, T 1K), 0.081 -> 0.076 (SmolLM2); the same cap slowed the dv
+# launch (0.63 -> 0.65) and the query sides (1.4x and more, spilling), so they run uncapped.
+KEY_FEATURE_MAXNREG = 168
 
 
 @triton.jit
 def _bwd_query_kernel(
     Q, K, V, FQ, FK, STATES, ZS, GAMMA, DO, O, DEN, MAX, DELTA,
-    DQ, DFQ, DMAX, ARGMAX, DGAMMA, WIN_SUMS,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sfb, sfh, sft,
+    DQ, DK_SHARES, DFQ, DGAMMA, WIN_SUMS,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sfb, sfh, sft, sgb, sgh, sgt,
     T, scale,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
     C: tl.constexpr, WINDOW: tl.constexpr, TERRACE: tl.constexpr,
@@ -52,9 +55,10 @@ def _bwd_query_kernel(
     LIN_FROM: tl.constexpr,
 ):
     """q and dq share strides, as do fq, fk and dfq, and o and do; DGAMMA holds one partial per (b,
-    h, chunk). SIDE 1: the window side (delta, written for the launches after it, dq, dm, argmax);
-    SIDE 2, launched after it (or alone without a window): the linear side (dfq, dgamma). The window
-    side hands dgamma's window sums to the linear side through WIN_SUMS [2,B,H,T]."""
+    h, chunk). SIDE 1: the window side (delta, written for the launches after it, dq, and dk shares
+    into DK_SHARES [B,2H,T,D], strides sg*); SIDE 2, launched after it (or alone without a window):
+    the linear side (dfq, dgamma). The window side hands dgamma's window sums to the linear side
+    through WIN_SUMS [2,B,H,T]."""
     n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     hk = h // GROUP
@@ -119,10 +123,19 @@ def _bwd_query_kernel(
         arg = tl.where(best_c >= best_p, n * C + tl.argmax(s_c, 1), (n - 1) * C + tl.argmax(s_p, 1))
         ds_c += tl.where(i[None, :] == arg[:, None], dm[:, None], 0.0)
         ds_p += tl.where(jp[None, :] == arg[:, None], dm[:, None], 0.0)
-        dq = (tl.dot(ds_c.to(DT), k_cur) + tl.dot(ds_p.to(DT), k_prev)) * scale
+        ds_c, ds_p = ds_c.to(DT), ds_p.to(DT)
+        dq = (tl.dot(ds_c, k_cur) + tl.dot(ds_p, k_prev)) * scale
         tl.store(dq_ptr + i[:, None] * sqt + d[None, :], dq.to(DQ.dtype.element_ty), mask=q_ok[:, None])
-        tl.store(DMAX + stat + i, dm, mask=q_ok)
-        tl.store(ARGMAX + stat + i, arg.to(tl.int32), mask=q_ok)
+        # this head's dk shares: share 0 of key chunk n (its own query chunk), share 1 of key chunk n-1
+        # (the next query chunk); the last key chunk has no next query chunk, so its share 1 is zero
+        DKT = DK_SHARES.dtype.element_ty
+        dk_ptr = DK_SHARES + b * sgb + 2 * h * sgh
+        tl.store(dk_ptr + i[:, None] * sgt + d[None, :], (tl.dot(tl.trans(ds_c), qt) * scale).to(DKT),
+                 mask=q_ok[:, None])
+        tl.store(dk_ptr + sgh + jp[:, None] * sgt + d[None, :], (tl.dot(tl.trans(ds_p), qt) * scale).to(DKT),
+                 mask=p_ok[:, None])
+        if n == tl.num_programs(0) - 1:
+            tl.store(dk_ptr + sgh + i[:, None] * sgt + d[None, :], tl.zeros([C, D], dtype=DKT), mask=q_ok[:, None])
         if HAS_LINEAR and HAS_GAMMA:
             tl.store(WIN_SUMS + stat + i, x_win, mask=q_ok)
             tl.store(WIN_SUMS + n_stat + stat + i, den_win, mask=q_ok)
@@ -174,24 +187,21 @@ def _bwd_query_kernel(
 
 
 @triton.jit
-def _bwd_key_value_kernel(
-    Q, K, V, FQ, FK, DSTATES, GAMMA, DO, DEN, MAX, DELTA, DMAX, ARGMAX, DK, DV,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sfb, sfh, sft, sgb, sgh, sgt,
+def _bwd_value_kernel(
+    Q, K, FQ, FK, DSTATES, GAMMA, DO, DEN, MAX, DV,
+    sqb, sqh, sqt, skb, skh, skt, sob, soh, sot, sfb, sfh, sft, sgb, sgh, sgt,
     T, scale,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
     C: tl.constexpr, WINDOW: tl.constexpr, TERRACE: tl.constexpr,
     HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr, EVERY: tl.constexpr, LIN_FROM: tl.constexpr,
-    WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
 ):
-    """Program (key chunk, (b, h)): this query head's share of dk (WITH_DK) and/or dv (WITH_DV), into
-    [B,H,T,D] buffers (strides sg*) that the caller sums over each GQA group. Walking the group's
-    heads here instead, into one accumulator each, ran 1.3x (both) and 2x (split) slower on an H100."""
+    """Program (key chunk, (b, h)): this query head's share of dv, into [B,H,T,D] (strides sg*) that
+    the caller sums over each GQA group. Walking the group's heads here instead, into one
+    accumulator, ran 2x slower on an H100."""
     mc, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
     q_ptr = Q + b * sqb + h * sqh
-    k_ptr = K + b * skb + hk * skh
-    v_ptr = V + b * svb + hk * svh
+    k_ptr = K + b * skb + (h // GROUP) * skh
     do_ptr = DO + b * sob + h * soh
     fq_ptr = FQ + b * sfb + h * sfh
     stat = pid_bh.to(tl.int64) * T
@@ -208,10 +218,8 @@ def _bwd_key_value_kernel(
     g = tl.load(GAMMA + h).to(tl.float32) if HAS_GAMMA else 1.0
     j = mc * C + r  # this chunk's keys
     k_ok = j < T
-    v_t = tl.load(v_ptr + j[:, None] * svt + d[None, :], mask=k_ok[:, None], other=0.0)
-    dk = tl.zeros([C, D], dtype=tl.float32)
     dv = tl.zeros([C, D], dtype=tl.float32)
-    if HAS_LINEAR and WITH_DV:
+    if HAS_LINEAR:
         fk_t = tl.load(FK + b * sfb + h * sfh + j[:, None] * sft + f[None, :], mask=k_ok[:, None],
                        other=0.0).to(DT)
         # every query chunk >= mc+2 sees these keys only through the state ...
@@ -236,30 +244,16 @@ def _bwd_key_value_kernel(
         winT, linT = pair_masks(i[None, :], j[:, None], k_ok[:, None] & q_ok[None, :], WINDOW, TERRACE)
         # key-major blocks [C keys, C queries]
         if WINDOW > 0:
-            if WITH_DK:
-                delta = tl.load(DELTA + stat + i, mask=q_ok, other=0.0)
-                dpT = (tl.dot(v_t, tl.trans(do)) - delta[None, :]) * rden[None, :]
             qt = tl.load(q_ptr + i[:, None] * sqt + d[None, :], mask=q_ok[:, None], other=0.0)
             m = tl.load(MAX + stat + i, mask=q_ok, other=0.0)
             aT = tl.where(winT, g * tl.exp(tl.dot(k_t, tl.trans(qt)) * scale - m[None, :]), 0.0)
-            if WITH_DK:
-                dm = tl.load(DMAX + stat + i, mask=q_ok, other=0.0)
-                arg = tl.load(ARGMAX + stat + i, mask=q_ok, other=-1)
-                dsT = aT * dpT + tl.where(j[:, None] == arg[None, :], dm[None, :], 0.0)
-                dk += tl.dot(dsT.to(DT), qt) * scale
         else:
             aT = tl.zeros([C, C], dtype=tl.float32)
-        if WITH_DV:
-            if near >= LIN_FROM:
-                fq = tl.load(fq_ptr + i[:, None] * sft + f[None, :], mask=q_ok[:, None], other=0.0).to(DT)
-                aT += tl.where(linT, tl.dot(fk_t, tl.trans(fq)), 0.0)  # window and linear pairs are disjoint
-            dv += tl.dot(aT.to(DT), (do.to(tl.float32) * rden[:, None]).to(DT))
-    if WITH_DK:
-        tl.store(DK + b * sgb + h * sgh + j[:, None] * sgt + d[None, :], dk.to(DK.dtype.element_ty),
-                 mask=k_ok[:, None])
-    if WITH_DV:
-        tl.store(DV + b * sgb + h * sgh + j[:, None] * sgt + d[None, :], dv.to(DV.dtype.element_ty),
-                 mask=k_ok[:, None])
+        if near >= LIN_FROM:
+            fq = tl.load(fq_ptr + i[:, None] * sft + f[None, :], mask=q_ok[:, None], other=0.0).to(DT)
+            aT += tl.where(linT, tl.dot(fk_t, tl.trans(fq)), 0.0)  # window and linear pairs are disjoint
+        dv += tl.dot(aT.to(DT), (do.to(tl.float32) * rden[:, None]).to(DT))
+    tl.store(DV + b * sgb + h * sgh + j[:, None] * sgt + d[None, :], dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
 
 
 @triton.jit
@@ -279,7 +273,7 @@ def _bwd_key_feature_kernel(
     stat = pid_bh.to(tl.int64) * T
     N = tl.cdiv(T, C)
     NS = tl.cdiv(N, EVERY)
-    stored = tl.cdiv(mc, EVERY)  # as in _bwd_key_value_kernel
+    stored = tl.cdiv(mc, EVERY)  # as in _bwd_value_kernel
     state = pid_bh.to(tl.int64) * NS + stored
     has_state = stored < NS
     DT = V.dtype.element_ty
@@ -320,19 +314,19 @@ def hybrid_attention_chunk_bwd(q, k, v, fq, fk, gamma, o, den, max_, states, zs,
     feats = (fq, fk) if has_linear else (q, q)
     dq = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device) if has_window else None
     dfq = torch.empty_like(fq) if has_linear else None
-    dmax = torch.empty_like(den)
-    argmax = torch.empty(B, H, T, device=q.device, dtype=torch.int32)
     dgamma = torch.empty(B, H, N, device=q.device, dtype=torch.float32)  # a partial per chunk
     gamma_arg = gamma if gamma is not None else den
     sums_passed = has_window and has_linear and gamma is not None
     win_sums = torch.empty(2, B, H, T, device=q.device, dtype=torch.float32) if sums_passed else den
+    # dk shares [B, H, 2, T, D] as [B, 2H, T, D]: a GQA group's eight (or 2*GROUP) lie side by side
+    dk_shares = torch.empty(B, 2 * H, T, D, device=q.device, dtype=q.dtype) if has_window else q
 
     def query_side(side: int, delta: torch.Tensor) -> None:
         _bwd_query_kernel[(N, B * H)](
             q, k, v, *feats, states if has_linear else den, zs if has_linear else den, gamma_arg,
-            do, o, den, max_, delta, dq if has_window else q, dfq if has_linear else q, dmax, argmax, dgamma,
+            do, o, den, max_, delta, dq if has_window else q, dk_shares, dfq if has_linear else q, dgamma,
             win_sums, *bht_strides(q), *bht_strides(k), *bht_strides(v), *bht_strides(do), *bht_strides(feats[0]),
-            T, scale, SIDE=side, EVERY=every, **meta)
+            *bht_strides(dk_shares), T, scale, SIDE=side, EVERY=every, **meta)
 
     if has_window:  # the window side computes delta for the launches after it
         delta = torch.empty_like(den)
@@ -343,25 +337,22 @@ def hybrid_attention_chunk_bwd(q, k, v, fq, fk, gamma, o, den, max_, states, zs,
     if has_linear:
         dstates, dzs = chunk_states_bwd(fq, do, den, delta, chunk, dstate_every)
         query_side(2, delta)
-    # dk, dv per query head, then summed over each group of heads sharing a key/value head
-    dk_heads = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype) if has_window else None
-    dv_heads = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
-    split = has_window and D >= SPLIT_DK_DV_FROM
-    for with_dk, with_dv in ((True, False), (False, True)) if split else ((has_window, True),):
-        _bwd_key_value_kernel[(N, B * H)](
-            q, k, v, *feats, dstates, gamma_arg, do, den, max_, delta, dmax, argmax,
-            dk_heads if has_window else dv_heads, dv_heads,  # DK is never written without a window
-            *bht_strides(q), *bht_strides(k), *bht_strides(v), *bht_strides(do), *bht_strides(feats[0]),
-            *bht_strides(dv_heads), T, scale, EVERY=dstate_every, WITH_DK=with_dk, WITH_DV=with_dv, **meta)
-    dk = group_sum(dk_heads, Hkv, k.dtype) if has_window else None
-    dv = group_sum(dv_heads, Hkv, v.dtype)
+    dv_shares = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
+    _bwd_value_kernel[(N, B * H)](
+        q, k, *feats, dstates, gamma_arg, do, den, max_, dv_shares,
+        *bht_strides(q), *bht_strides(k), *bht_strides(do), *bht_strides(feats[0]), *bht_strides(dv_shares),
+        T, scale, EVERY=dstate_every, **meta)
+    # summed over each group of query heads sharing a key/value head
+    dk = group_sum(dk_shares, Hkv, k.dtype) if has_window else None
+    dv = group_sum(dv_shares, Hkv, v.dtype)
     dfk = None
     if has_linear:
         dfk = torch.empty_like(fk)
         _bwd_key_feature_kernel[(N, B * H)](
             fq, v, dstates, dzs, do, den, delta, dfk, *bht_strides(v), *bht_strides(do), *bht_strides(fq), T,
             EVERY=dstate_every, **{k_: meta[k_] for k_ in ("H", "GROUP", "D", "F", "C", "WINDOW", "TERRACE",
-                                                            "LIN_FROM", "num_warps", "num_stages")})
+                                                            "LIN_FROM", "num_warps", "num_stages")},
+            maxnreg=KEY_FEATURE_MAXNREG)
     if gamma is None:
         dgamma = None
     elif has_linear:
