@@ -2,8 +2,8 @@
 
 A key/value head serves GROUP query heads; the backward writes each query head's share of dv and
 two shares of dk (from two query chunks), and this sums a kv head's shares in fp32 registers: one
-read of each share and one write. PyTorch's sum
-(read each share, write fp32, cast) took 0.48 ms against 0.22 at the Llama-3-8B shape on an H100.
+read of each share and one write. PyTorch's sum (read each share, write fp32, cast) took 0.48 ms
+against 0.22 for dk and dv at the Llama-3-8B shape on an H100.
 """
 import torch
 import triton
