@@ -63,18 +63,20 @@ def test_states_stored_every_few_chunks_give_the_same_values_and_gradients(mode,
     compare(make_inputs(1, 2, 1, 260, 16, 16, mode), window_for(mode, 32), window)  # 5 chunks of 64
 
 
+def nan_filled(allocate):
+    def allocate_nan(*args, **kwargs):
+        x = allocate(*args, **kwargs)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+    return allocate_nan
+
+
 @pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("mode", MODES)
 def test_every_element_of_the_buffers_the_kernels_fill_is_written(mode, window, monkeypatch):
-    """Buffers come from torch.empty; NaN-filled here, an element no kernel writes shows in the gradients
-    (such as the second dk share of the last key chunk, which no query chunk follows)."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        x = empty(*args, **kwargs)
-        return x.fill_(float("nan")) if x.is_floating_point() else x
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
+    """Buffers come from torch.empty, empty_like and empty_strided; NaN-filled here, an element no kernel
+    writes shows (such as the second dk share of the last key chunk, which no query chunk follows)."""
+    for name in ("empty", "empty_like", "empty_strided"):
+        monkeypatch.setattr(torch, name, nan_filled(getattr(torch, name)))
     compare(make_inputs(1, 4, 2, 150, 16, 16, mode), window_for(mode, 32), window)
 
 
