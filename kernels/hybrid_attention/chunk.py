@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..strides import bht_strides
-from .chunk_blocks import check_dtype, chunk_size, kernel_meta, pair_masks
+from .chunk_blocks import check_dtype, chunk_grid, chunk_program, chunk_size, kernel_meta, pair_masks
 from .chunk_bwd import hybrid_attention_chunk_bwd
 from .chunk_state import chunk_states_fwd
 from .naive import check_inputs
@@ -42,8 +42,7 @@ def _fwd_kernel(
     C: tl.constexpr, WINDOW: tl.constexpr, TERRACE: tl.constexpr,
     HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr, EVERY: tl.constexpr, LIN_FROM: tl.constexpr,
 ):
-    n, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    n, pid_bh, b, h = chunk_program(H, GROUP)
     hk = h // GROUP
     q_ptr = Q + b * sqb + h * sqh
     k_ptr = K + b * skb + hk * skh
@@ -118,7 +117,7 @@ def hybrid_attention_chunk_fwd(q, k, v, fq, fk, gamma, window_size: int, terrace
     max_ = torch.empty_like(den)
     states, zs = chunk_states_fwd(fk, v, q.dtype, chunk, every) if fq is not None else (None, None)
     feats = (fq, fk) if fq is not None else (q, q)
-    _fwd_kernel[(triton.cdiv(T, chunk), B * H)](
+    _fwd_kernel[chunk_grid(triton.cdiv(T, chunk), B, H, k.shape[1])](
         q, k, v, *feats, states if states is not None else den, zs if zs is not None else den,
         gamma if gamma is not None else den, o, den, max_,
         *bht_strides(q), *bht_strides(k), *bht_strides(v), *bht_strides(o), *bht_strides(feats[0]),

@@ -2,7 +2,7 @@
 
 Shared by the forward (`chunk.py`) and the backward (`chunk_bwd.py`): the chunk length for a
 window, the pair masks of a block, which local blocks hold linear pairs at all (the kernels skip
-the dots of those that do not), and the launch settings.
+the dots of those that do not), and the launch grid and settings.
 """
 import torch
 import triton
@@ -56,6 +56,23 @@ def check_dtype(device: torch.device, dtype: torch.dtype) -> None:
         # H100 (triton 3.6); fp32 has not been run on a GPU since, so it stays on PyTorch there
         raise ValueError("the triton backend takes bf16 or fp16 on CUDA, not fp32: cast the model or "
                          "use attention.backend: torch")
+
+
+@triton.jit
+def chunk_program(H: tl.constexpr, GROUP: tl.constexpr):
+    """(n, pid_bh, b, h): this program's chunk and head on the grid of `chunk_grid`, pid_bh = b*H + h."""
+    pid, pid_bkv = tl.program_id(0), tl.program_id(1)
+    pid_bh = pid_bkv * GROUP + pid % GROUP
+    return pid // GROUP, pid_bh, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+
+
+def chunk_grid(chunks: int, B: int, H: int, Hkv: int) -> tuple[int, int]:
+    """One program per (chunk, b, h), the query heads of a GQA group side by side on each chunk: they read
+    the same k and v (from L2 after the first) and write the gradient shares `group_sum.py` adds while
+    those are still in L2. Walking each head's chunks in turn instead, the heads of a group ran far apart
+    at long T: H100, Llama-3-8B layer, T 32K, forward 1.24 -> 1.17 ms, forward+backward 4.76 -> 4.54
+    (T 1K: 3.96 -> 3.95)."""
+    return chunks * (H // Hkv), B * Hkv
 
 
 # Four warps: one warpgroup, so Hopper's wgmma takes the 64-row tiles whole (eight warps split

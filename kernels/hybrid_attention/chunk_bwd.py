@@ -11,8 +11,8 @@ The launches, each one program per (chunk, head) in parallel unless said otherwi
   _bwd_query_kernel SIDE 2   linear side: dfq (local blocks, the forward's S, z, and the chunks
                              between a stored state and n-1) and dgamma's partial;
   _bwd_value_kernel          one query head's share of dv of one key chunk;
-  group_sum.py               the dk and dv shares summed over each GQA group, one program per
-                             (rows, kv head);
+  (group_sum.py)             in the two launches above, the last program to write a share of a key
+                             chunk sums the GQA group's shares into dk, dv;
   _bwd_key_feature_kernel    dfk of one key chunk of one query head (dS, dz, local blocks, and the
                              query chunks between chunk m+1 and the stored dS).
 Every program holds one [C,D] or [C,F] accumulator: with more in one program the kernels spilled
@@ -33,9 +33,9 @@ import triton
 import triton.language as tl
 
 from ..strides import bht_strides
-from .chunk_blocks import kernel_meta, pair_masks
+from .chunk_blocks import chunk_grid, chunk_program, kernel_meta, pair_masks
 from .chunk_state import chunk_delta, chunk_states_bwd
-from .group_sum import group_sum
+from .group_sum import sum_group_shares
 
 # Register cap of the dfk launch: at 168 three programs fit an SM instead of two. H100, triton 3.6:
 # 0.32 -> 0.30 ms (Llama-3-8B layer, T 1K), 0.081 -> 0.076 (SmolLM2); the same cap slowed the dv
@@ -46,7 +46,7 @@ KEY_FEATURE_MAXNREG = 168
 @triton.jit
 def _bwd_query_kernel(
     Q, K, V, FQ, FK, STATES, ZS, GAMMA, DO, O, DEN, MAX, DELTA,
-    DQ, DK_SHARES, DFQ, DGAMMA, WIN_SUMS,
+    DQ, DK_SHARES, DK, COUNTS, DFQ, DGAMMA, WIN_SUMS,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sfb, sfh, sft, sgb, sgh, sgt,
     T, scale,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
@@ -56,11 +56,11 @@ def _bwd_query_kernel(
 ):
     """q and dq share strides, as do fq, fk and dfq, and o and do; DGAMMA holds one partial per (b,
     h, chunk). SIDE 1: the window side (delta, written for the launches after it, dq, and dk shares
-    into DK_SHARES [B,2H,T,D], strides sg*); SIDE 2, launched after it (or alone without a window):
+    into DK_SHARES [B,2H,T,D], strides sg*, summed into DK [B,Hkv,T,D] by the program that completes
+    a key chunk's count in COUNTS [B*Hkv*N]); SIDE 2, launched after it (or alone without a window):
     the linear side (dfq, dgamma). The window side hands dgamma's window sums to the linear side
     through WIN_SUMS [2,B,H,T]."""
-    n, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    n, pid_bh, b, h = chunk_program(H, GROUP)
     hk = h // GROUP
     q_ptr = Q + b * sqb + h * sqh
     dq_ptr = DQ + b * sqb + h * sqh
@@ -71,7 +71,8 @@ def _bwd_query_kernel(
     fk_ptr = FK + b * sfb + h * sfh
     dfq_ptr = DFQ + b * sfb + h * sfh
     stat = pid_bh.to(tl.int64) * T
-    n_stat = tl.num_programs(1).to(tl.int64) * T  # offset of WIN_SUMS' second half
+    n_stat = (tl.num_programs(1) * GROUP).to(tl.int64) * T  # offset of WIN_SUMS' second half: B*H*T
+    N = tl.cdiv(T, C)
     chunk = pid_bh.to(tl.int64) * tl.cdiv(T, C) + n
     stored = n // EVERY
     state = pid_bh.to(tl.int64) * tl.cdiv(tl.cdiv(T, C), EVERY) + stored
@@ -127,15 +128,20 @@ def _bwd_query_kernel(
         dq = (tl.dot(ds_c, k_cur) + tl.dot(ds_p, k_prev)) * scale
         tl.store(dq_ptr + i[:, None] * sqt + d[None, :], dq.to(DQ.dtype.element_ty), mask=q_ok[:, None])
         # this head's dk shares: share 0 of key chunk n (its own query chunk), share 1 of key chunk n-1
-        # (the next query chunk); the last key chunk has no next query chunk, so its share 1 is zero
+        # (the next query chunk); the group's heads give key chunk n 2*GROUP shares, the last one GROUP
         DKT = DK_SHARES.dtype.element_ty
         dk_ptr = DK_SHARES + b * sgb + 2 * h * sgh
         tl.store(dk_ptr + i[:, None] * sgt + d[None, :], (tl.dot(tl.trans(ds_c), qt) * scale).to(DKT),
                  mask=q_ok[:, None])
         tl.store(dk_ptr + sgh + jp[:, None] * sgt + d[None, :], (tl.dot(tl.trans(ds_p), qt) * scale).to(DKT),
                  mask=p_ok[:, None])
-        if n == tl.num_programs(0) - 1:
-            tl.store(dk_ptr + sgh + i[:, None] * sgt + d[None, :], tl.zeros([C, D], dtype=DKT), mask=q_ok[:, None])
+        bkv = b * (H // GROUP) + hk
+        group_shares = DK_SHARES + b * sgb + 2 * hk * GROUP * sgh
+        sum_group_shares(COUNTS + bkv * N + n, tl.where(n == N - 1, GROUP, 2 * GROUP), group_shares,
+                         DK + bkv * T * D, i, q_ok, sgh, sgt, C, D, 2 * GROUP)
+        if n > 0:
+            sum_group_shares(COUNTS + bkv * N + n - 1, 2 * GROUP, group_shares, DK + bkv * T * D, jp, p_ok, sgh, sgt,
+                             C, D, 2 * GROUP)
         if HAS_LINEAR and HAS_GAMMA:
             tl.store(WIN_SUMS + stat + i, x_win, mask=q_ok)
             tl.store(WIN_SUMS + n_stat + stat + i, den_win, mask=q_ok)
@@ -188,18 +194,18 @@ def _bwd_query_kernel(
 
 @triton.jit
 def _bwd_value_kernel(
-    Q, K, FQ, FK, DSTATES, GAMMA, DO, DEN, MAX, DV,
+    Q, K, FQ, FK, DSTATES, GAMMA, DO, DEN, MAX, DV_SHARES, DV, COUNTS,
     sqb, sqh, sqt, skb, skh, skt, sob, soh, sot, sfb, sfh, sft, sgb, sgh, sgt,
     T, scale,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
     C: tl.constexpr, WINDOW: tl.constexpr, TERRACE: tl.constexpr,
     HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr, EVERY: tl.constexpr, LIN_FROM: tl.constexpr,
 ):
-    """Program (key chunk, (b, h)): this query head's share of dv, into [B,H,T,D] (strides sg*) that
-    the caller sums over each GQA group. Walking the group's heads here instead, into one
-    accumulator, ran 2x slower on an H100."""
-    mc, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    """Program (key chunk, (b, h)): this query head's share of dv, into DV_SHARES [B,H,T,D] (strides
+    sg*); with GQA the program that completes the key chunk's count in COUNTS sums the group's shares
+    into DV [B,Hkv,T,D] (without, the shares are dv). Walking the group's heads here instead, into
+    one accumulator, ran 2x slower on an H100."""
+    mc, pid_bh, b, h = chunk_program(H, GROUP)
     q_ptr = Q + b * sqb + h * sqh
     k_ptr = K + b * skb + (h // GROUP) * skh
     do_ptr = DO + b * sob + h * soh
@@ -253,7 +259,12 @@ def _bwd_value_kernel(
             fq = tl.load(fq_ptr + i[:, None] * sft + f[None, :], mask=q_ok[:, None], other=0.0).to(DT)
             aT += tl.where(linT, tl.dot(fk_t, tl.trans(fq)), 0.0)  # window and linear pairs are disjoint
         dv += tl.dot(aT.to(DT), (do.to(tl.float32) * rden[:, None]).to(DT))
-    tl.store(DV + b * sgb + h * sgh + j[:, None] * sgt + d[None, :], dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+    tl.store(DV_SHARES + b * sgb + h * sgh + j[:, None] * sgt + d[None, :], dv.to(DV_SHARES.dtype.element_ty),
+             mask=k_ok[:, None])
+    if GROUP > 1:
+        bkv = b * (H // GROUP) + h // GROUP
+        sum_group_shares(COUNTS + bkv * N + mc, GROUP, DV_SHARES + b * sgb + (h // GROUP) * GROUP * sgh,
+                         DV + bkv * T * D, j, k_ok, sgh, sgt, C, D, GROUP)
 
 
 @triton.jit
@@ -265,8 +276,7 @@ def _bwd_key_feature_kernel(
     C: tl.constexpr, WINDOW: tl.constexpr, TERRACE: tl.constexpr, EVERY: tl.constexpr, LIN_FROM: tl.constexpr,
 ):
     """Program (key chunk, (b, h)): dfk [B,H,T,F] with fq's strides."""
-    mc, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    mc, pid_bh, b, h = chunk_program(H, GROUP)
     v_ptr = V + b * svb + (h // GROUP) * svh
     do_ptr = DO + b * sob + h * soh
     fq_ptr = FQ + b * sfb + h * sfh
@@ -320,12 +330,15 @@ def hybrid_attention_chunk_bwd(q, k, v, fq, fk, gamma, o, den, max_, states, zs,
     win_sums = torch.empty(2, B, H, T, device=q.device, dtype=torch.float32) if sums_passed else den
     # dk shares [B, H, 2, T, D] as [B, 2H, T, D]: a GQA group's eight (or 2*GROUP) lie side by side
     dk_shares = torch.empty(B, 2 * H, T, D, device=q.device, dtype=q.dtype) if has_window else q
+    dk = torch.empty(B, Hkv, T, D, device=q.device, dtype=k.dtype) if has_window else None
+    counts = torch.zeros(2, B * Hkv * N, device=q.device, dtype=torch.int32)  # arrivals per key chunk: dk, dv
+    grid = chunk_grid(N, B, H, Hkv)
 
     def query_side(side: int, delta: torch.Tensor) -> None:
-        _bwd_query_kernel[(N, B * H)](
+        _bwd_query_kernel[grid](
             q, k, v, *feats, states if has_linear else den, zs if has_linear else den, gamma_arg,
-            do, o, den, max_, delta, dq if has_window else q, dk_shares, dfq if has_linear else q, dgamma,
-            win_sums, *bht_strides(q), *bht_strides(k), *bht_strides(v), *bht_strides(do), *bht_strides(feats[0]),
+            do, o, den, max_, delta, dq if has_window else q, dk_shares, dk if has_window else q, counts[0],
+            dfq if has_linear else q, dgamma, win_sums, *bht_strides(q), *bht_strides(k), *bht_strides(v), *bht_strides(do), *bht_strides(feats[0]),
             *bht_strides(dk_shares), T, scale, SIDE=side, EVERY=every, **meta)
 
     if has_window:  # the window side computes delta for the launches after it
@@ -338,17 +351,15 @@ def hybrid_attention_chunk_bwd(q, k, v, fq, fk, gamma, o, den, max_, states, zs,
         dstates, dzs = chunk_states_bwd(fq, do, den, delta, chunk, dstate_every)
         query_side(2, delta)
     dv_shares = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
-    _bwd_value_kernel[(N, B * H)](
-        q, k, *feats, dstates, gamma_arg, do, den, max_, dv_shares,
+    dv = torch.empty(B, Hkv, T, D, device=q.device, dtype=v.dtype) if H > Hkv else dv_shares
+    _bwd_value_kernel[grid](
+        q, k, *feats, dstates, gamma_arg, do, den, max_, dv_shares, dv, counts[1],
         *bht_strides(q), *bht_strides(k), *bht_strides(do), *bht_strides(feats[0]), *bht_strides(dv_shares),
         T, scale, EVERY=dstate_every, **meta)
-    # summed over each group of query heads sharing a key/value head
-    dk = group_sum(dk_shares, Hkv, k.dtype) if has_window else None
-    dv = group_sum(dv_shares, Hkv, v.dtype)
     dfk = None
     if has_linear:
         dfk = torch.empty_like(fk)
-        _bwd_key_feature_kernel[(N, B * H)](
+        _bwd_key_feature_kernel[grid](
             fq, v, dstates, dzs, do, den, delta, dfk, *bht_strides(v), *bht_strides(do), *bht_strides(fq), T,
             EVERY=dstate_every, **{k_: meta[k_] for k_ in ("H", "GROUP", "D", "F", "C", "WINDOW", "TERRACE",
                                                             "LIN_FROM", "num_warps", "num_stages")},

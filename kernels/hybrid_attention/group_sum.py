@@ -1,36 +1,36 @@
-"""Sums of per-query-head gradient shares over each GQA group (the chunk backward's dk and dv).
+"""Sums of per-query-head gradient shares over each GQA group (the chunk backward's dk and dv), taken
+by the last program to write a share.
 
-A key/value head serves GROUP query heads; the backward writes each query head's share of dv and
-two shares of dk (from two query chunks), and this sums a kv head's shares in fp32 registers: one
-read of each share and one write. PyTorch's sum (read each share, write fp32, cast) took 0.48 ms
-against 0.22 for dk and dv at the Llama-3-8B shape on an H100.
+A key/value head serves GROUP query heads. The backward writes, for each key chunk, each query
+head's share of dv and two shares of dk (from the query chunk itself and from the next one). A
+program that has stored its shares of a key chunk counts its arrival on that chunk's counter; the
+one that completes the count adds the group's shares in fp32, always in the same order (so the sum
+does not depend on which program came last), and writes the key/value head's gradient. `chunk_grid`
+runs a group's query heads side by side, so the shares are read back from L2.
+H100, Llama-3-8B layer, T 1K: this replaced a launch that read every share from DRAM (0.32 ms) for
+0.13 ms more in the dk (window-side) launch and 0.06 ms more in the dv launch.
 """
-import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _group_sum_kernel(X, Y, T, GROUP: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
-    """Program (rows, (b, kv head)): Y [B,Hkv,T,D] = sum of the GROUP shares of X [B,Hkv*GROUP,T,D]
-    (both contiguous), in fp32 registers: one read of each share and one write."""
-    n, pid = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    rows = n * BT + tl.arange(0, BT)
-    offsets = rows[:, None] * D + tl.arange(0, D)[None, :]
-    ok = rows[:, None] < T
-    acc = tl.zeros([BT, D], dtype=tl.float32)
-    for head in tl.static_range(GROUP):
-        acc += tl.load(X + (pid * GROUP + head) * T * D + offsets, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Y + pid * T * D + offsets, acc.to(Y.dtype.element_ty), mask=ok)
-
-
-def group_sum(shares: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B,S,T,D] contiguous shares, those of each key/value head side by side (S a multiple of
-    kv_heads) -> [B,Hkv,T,D] sums of each kv head's shares, in `dtype`."""
-    B, S, T, D = shares.shape
-    if S == kv_heads and shares.dtype == dtype:  # one share per kv head: the shares are the sums
-        return shares
-    out = torch.empty(B, kv_heads, T, D, device=shares.device, dtype=dtype)
-    _group_sum_kernel[(triton.cdiv(T, 64), B * kv_heads)](shares, out, T, GROUP=S // kv_heads, D=D, BT=64,
-                                                            num_warps=4)
-    return out
+def sum_group_shares(COUNT, ARRIVALS, SHARES, OUT, rows, ok, share_stride, row_stride,
+                     C: tl.constexpr, D: tl.constexpr, N_SHARES: tl.constexpr):
+    """Call once this program has stored its share(s) of the key chunk at `rows` (`ok`: rows < T).
+    Counts the arrival at COUNT; the ARRIVALS-th program to arrive writes OUT [T,D] (one kv head,
+    contiguous) at `rows` = the sum of the N_SHARES shares at SHARES + s * share_stride (rows
+    row_stride apart). Where fewer programs arrive than there are shares (dk of the last key chunk,
+    which no query chunk follows), only the even shares exist."""
+    # The barrier puts every thread's stores before the atomic's release (one thread runs it); its
+    # result reaches the other threads through shared memory behind another barrier, after the acquire.
+    tl.debug_barrier()
+    if tl.atomic_add(COUNT, 1, sem="acq_rel", scope="gpu") == ARRIVALS - 1:
+        d = tl.arange(0, D)
+        acc = tl.zeros([C, D], dtype=tl.float32)
+        for s in tl.static_range(N_SHARES):
+            keep = ok if s % 2 == 0 else ok & (ARRIVALS == N_SHARES)
+            # .cg: from L2, where the other programs' stores are, never from this SM's L1
+            acc += tl.load(SHARES + s * share_stride + rows[:, None] * row_stride + d[None, :], mask=keep[:, None],
+                           other=0.0, cache_modifier=".cg").to(tl.float32)
+        tl.store(OUT + rows[:, None] * D + d[None, :], acc.to(OUT.dtype.element_ty), mask=ok[:, None])

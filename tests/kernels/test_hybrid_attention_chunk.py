@@ -10,7 +10,6 @@ import torch
 from kernels.hybrid_attention import BACKENDS, hybrid_attention_chunk, hybrid_attention_parallel
 from kernels.hybrid_attention import chunk as chunk_module
 from kernels.hybrid_attention.chunk_blocks import check_dtype, chunk_size, linear_from
-from kernels.hybrid_attention.group_sum import group_sum
 from kernels.hybrid_attention.windows import window_kind
 from pipeline.hybrid.attention import resolve_backend
 from tests.assertions import assert_close
@@ -74,17 +73,11 @@ def nan_filled(allocate):
 @pytest.mark.parametrize("mode", MODES)
 def test_every_element_of_the_buffers_the_kernels_fill_is_written(mode, window, monkeypatch):
     """Buffers come from torch.empty, empty_like and empty_strided; NaN-filled here, an element no kernel
-    writes shows (such as the second dk share of the last key chunk, which no query chunk follows)."""
+    writes shows (such as rows of dk or dv whose group sum no program took, or a share a sum read
+    that no program wrote: the last key chunk has no second dk share)."""
     for name in ("empty", "empty_like", "empty_strided"):
         monkeypatch.setattr(torch, name, nan_filled(getattr(torch, name)))
     compare(make_inputs(1, 4, 2, 150, 16, 16, mode), window_for(mode, 32), window)
-
-
-@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (3, 3)])
-def test_group_sum_adds_the_shares_of_each_kv_head(heads, kv_heads):
-    shares = torch.randn(2, heads, 70, 16)  # 70 rows: a ragged second block of 64; dk has 2 shares per head
-    expected = shares.view(2, kv_heads, heads // kv_heads, 70, 16).sum(2)
-    assert torch.allclose(group_sum(shares, kv_heads, torch.float32), expected, atol=1e-6)
 
 
 def test_half_precision_inputs_accumulate_in_fp32():
