@@ -2,11 +2,13 @@
 
 Usage (repo root): python -m benchmarks.gpu_attention [--shapes llama3-8b smollm2-135m]
     [--lengths 1024 4096 16384 32768] [--tokens 32768] [--window terrace] [--out benchmarks/h100]
-    [--smoke]
+    [--cuda-graphs] [--smoke]
 Every (shape, T) gets B = tokens / T and fresh bf16 inputs; every column is timed forward (under
 no_grad) and forward+backward (torch.autograd.grad of the output against a random upstream gradient,
-w.r.t. every input that requires grad), with its peak memory. Writes <out>/gpu_attention.json and
-prints a summary table last. --smoke: tiny fp32 shapes on CPU, to check the script without a GPU.
+w.r.t. every input that requires grad), with its peak memory. --cuda-graphs also times both replayed
+from a CUDA graph: the device's time where the host's launches are the slower part (small shapes).
+Writes <out>/gpu_attention.json and prints a summary table last. --smoke: tiny fp32 shapes on CPU, to
+check the script without a GPU.
 """
 import argparse
 from collections.abc import Callable
@@ -21,8 +23,8 @@ from kernels.hybrid_attention import BACKENDS, hybrid_attention
 
 from .attention_inputs import SHAPES, SMOKE_SHAPES, WINDOW_SIZE, AttentionShape, HybridInputs, hybrid_module, \
     random_inputs, triton_runs_on
-from .gpu_common import DEFAULT_OUT, NOMINAL_H100_BANDWIDTH_TB_S, Measured, bench_ms, copy_bandwidth_tb_s, \
-    environment, format_table, guarded, peak_memory_mib, ratio, release_memory, write_result
+from .gpu_common import DEFAULT_OUT, NOMINAL_H100_BANDWIDTH_TB_S, Measured, bench_graph_ms, bench_ms, \
+    copy_bandwidth_tb_s, environment, format_table, guarded, peak_memory_mib, ratio, release_memory, write_result
 
 # Measured earlier on an H100 for the llama3-8b shape at B*T = 32K tokens: [fwd, fwd+bwd] ms.
 PUBLISHED_REFERENCE_MS = {
@@ -112,11 +114,14 @@ COLUMNS = [
     Column("triton_with_feature_maps", "as torch_with_feature_maps with backend='triton'",
            with_feature_maps("triton"), "triton"),
 ]
-MEASUREMENTS = ("fwd_ms", "fwd_bwd_ms", "fwd_memory", "fwd_bwd_memory")
+MEASUREMENTS = ("fwd_ms", "fwd_bwd_ms", "fwd_memory", "fwd_bwd_memory", "fwd_graph_ms", "fwd_bwd_graph_ms")
+NOT_ASKED = "not measured: run with --cuda-graphs"
 
 
-def measure(build: Callable[[], Run], device: torch.device, warmup_ms: float, rep_ms: float) -> dict[str, Measured]:
-    """Forward and forward+backward time and peak memory of one column; failures become strings."""
+def measure(build: Callable[[], Run], device: torch.device, warmup_ms: float, rep_ms: float,
+            graphs: bool) -> dict[str, Measured]:
+    """Forward and forward+backward time (and, with `graphs`, their CUDA-graph replay time) and peak
+    memory of one column; failures become strings."""
     built = guarded(build, device)
     if isinstance(built, str):
         return dict.fromkeys(MEASUREMENTS, built)
@@ -125,7 +130,8 @@ def measure(build: Callable[[], Run], device: torch.device, warmup_ms: float, re
     def forward() -> torch.Tensor:
         with torch.no_grad():
             return output()
-    result: dict[str, Measured] = {"fwd_ms": guarded(lambda: bench_ms(forward, device, warmup_ms, rep_ms), device)}
+    result: dict[str, Measured] = {"fwd_ms": guarded(lambda: bench_ms(forward, device, warmup_ms, rep_ms), device),
+                                   "fwd_graph_ms": NOT_ASKED, "fwd_bwd_graph_ms": NOT_ASKED}
     if isinstance(result["fwd_ms"], str) and result["fwd_ms"] != "OOM":
         return dict.fromkeys(MEASUREMENTS, result["fwd_ms"])  # broken, not just too big: skip the rest
     result["fwd_memory"] = guarded(lambda: peak_memory_mib(forward, device), device)
@@ -137,6 +143,9 @@ def measure(build: Callable[[], Run], device: torch.device, warmup_ms: float, re
         return torch.autograd.grad(output(), leaves, upstream)
     result["fwd_bwd_ms"] = guarded(lambda: bench_ms(forward_backward, device, warmup_ms, rep_ms), device)
     result["fwd_bwd_memory"] = guarded(lambda: peak_memory_mib(forward_backward, device), device)
+    if graphs and not isinstance(result["fwd_bwd_ms"], str):
+        result["fwd_graph_ms"] = guarded(lambda: bench_graph_ms(forward, device, rep_ms), device)
+        result["fwd_bwd_graph_ms"] = guarded(lambda: bench_graph_ms(forward_backward, device, rep_ms), device)
     return result
 
 
@@ -161,6 +170,8 @@ def goals(columns: dict[str, dict[str, Measured]], moved: dict[str, int], copy_t
     for mode in ("fwd", "fwd_bwd"):
         key = f"{mode}_ms"
         out[f"speedup_vs_fla_{mode}"] = ratio(columns["fla_chunk_linear_attn"][key], ours[key])
+        graph_key = f"{mode}_graph_ms"
+        out[f"speedup_vs_fla_{mode}_graph"] = ratio(columns["fla_chunk_linear_attn"][graph_key], ours[graph_key])
         out[f"speedup_vs_reference_{mode}"] = ratio(columns["torch_attention"][key], ours[key])
         out[f"speedup_vs_reference_with_feature_maps_{mode}"] = ratio(columns["torch_with_feature_maps"][key],
                                                                       ours_fm[key])
@@ -194,6 +205,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--window", default="terrace", help="window kind of our columns")
     parser.add_argument("--warmup-ms", type=float, default=25)
     parser.add_argument("--rep-ms", type=float, default=100)
+    parser.add_argument("--cuda-graphs", action="store_true", help="also time every column replayed from a CUDA graph")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU")
     args = parser.parse_args()
@@ -217,7 +229,8 @@ def main() -> None:
             torch.manual_seed(0)
             x = random_inputs(shape, batch, length, dtype, device)
             measured = {c.name: measure(lambda c=c: c.build(x, shape, args.window), device, args.warmup_ms,
-                                        args.rep_ms) if c in columns else dict.fromkeys(MEASUREMENTS, SKIPPED)
+                                        args.rep_ms, args.cuda_graphs)
+                        if c in columns else dict.fromkeys(MEASUREMENTS, SKIPPED)
                         for c in COLUMNS}
             moved = minimal_bytes(shape, batch, length, x.q.element_size())
             rows.append({"shape": shape_name, **shape.__dict__, "batch": batch, "length": length,
@@ -228,7 +241,7 @@ def main() -> None:
             path = write_result(args.out, "gpu_attention", report(args, device, dtype, copy_tb_s, rows))  # so far
 
     print(f"wrote {path}; copy bandwidth {copy_tb_s:.2f} TB/s")
-    print(summary(rows))
+    print(summary(rows, args.cuda_graphs))
 
 
 def report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, copy_tb_s: float,
@@ -241,6 +254,9 @@ def report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, c
                      "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
                      "timing": "median of triton.testing.do_bench (L2 flushed before each call); fwd under "
                                "no_grad, fwd_bwd = output + torch.autograd.grad w.r.t. the column's inputs",
+                     "graph_timing": "fwd_graph_ms, fwd_bwd_graph_ms (--cuda-graphs): median of "
+                                     "triton.testing.do_bench_cudagraph, the same calls replayed from a CUDA "
+                                     "graph: no host launch overhead, no L2 flush",
                      "memory": "torch.cuda.max_memory_allocated after reset_peak_memory_stats, one call; "
                                "above_start_mib excludes what was allocated before (inputs)"},
         "columns": {c.name: c.measures for c in COLUMNS},
@@ -250,8 +266,9 @@ def report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, c
     }
 
 
-def summary(rows: list[dict[str, Any]]) -> str:
-    """Two tables, one line per (shape, T): ms per column (fwd, fwd+bwd); our speedups, bandwidth, memory."""
+def summary(rows: list[dict[str, Any]], graphs: bool) -> str:
+    """Two tables, one line per (shape, T): ms per column (fwd, fwd+bwd); our speedups, bandwidth, memory
+    (with `graphs`, also the CUDA-graph times of fla and ours and those speedups)."""
     short = {"sdpa_flash": "sdpa", "fla_chunk_linear_attn": "fla", "torch_attention": "ref",
              "triton_attention": "ours", "torch_with_feature_maps": "ref+fm", "triton_with_feature_maps": "ours+fm"}
     times, goal_lines = [], []
@@ -262,6 +279,11 @@ def summary(rows: list[dict[str, Any]]) -> str:
         for name, label in short.items():
             line[f"{label} fwd"] = columns[name]["fwd_ms"]
             line[f"{label} f+b"] = columns[name]["fwd_bwd_ms"]
+        g_graph = {}
+        if graphs:
+            for name in ("fla_chunk_linear_attn", "triton_attention"):
+                line[f"{short[name]} f+b graph"] = columns[name]["fwd_bwd_graph_ms"]
+            g_graph = {"xfla fwd graph": g["speedup_vs_fla_fwd_graph"], "xfla f+b graph": g["speedup_vs_fla_fwd_bwd_graph"]}
         times.append(line)
         goal_lines.append({**case, "xfla fwd": g["speedup_vs_fla_fwd"], "xfla f+b": g["speedup_vs_fla_fwd_bwd"],
                            "xref fwd": g["speedup_vs_reference_fwd"], "xref f+b": g["speedup_vs_reference_fwd_bwd"],
@@ -269,7 +291,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
                            "xsdpa f+b": g["speedup_vs_sdpa_flash_fwd_bwd"], "TB/s fwd": g["bandwidth_fwd_tb_s"],
                            "TB/s f+b": g["bandwidth_fwd_bwd_tb_s"], "of copy f+b": g["bandwidth_fwd_bwd_of_copy"],
                            "ours MiB f+b": peak(columns["triton_attention"]["fwd_bwd_memory"]),
-                           "ref MiB f+b": peak(columns["torch_attention"]["fwd_bwd_memory"])})
+                           "ref MiB f+b": peak(columns["torch_attention"]["fwd_bwd_memory"]), **g_graph})
     return format_table(times, list(times[0])) + "\n\n" + format_table(goal_lines, list(goal_lines[0]))
 
 

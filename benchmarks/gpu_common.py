@@ -88,6 +88,18 @@ def bench_ms(fn: Callable[[], Any], device: torch.device, warmup_ms: float = 25,
     return statistics.median(times)
 
 
+def bench_graph_ms(fn: Callable[[], Any], device: torch.device, rep_ms: float = 100) -> Measured:
+    """Median time of one call of `fn` replayed from a CUDA graph (`triton.testing.do_bench_cudagraph`):
+    the device's time without the host's launch overhead, and without an L2 flush between calls.
+    Where a step is cheaper on the device than its launches are on the host (small shapes),
+    `bench_ms` measures the host; this measures the kernels. CPU has no graphs: a string says so."""
+    if device.type != "cuda":
+        return "skipped: CUDA graphs need a GPU"
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+
+
 def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> dict[str, float] | None:
     """Peak allocated memory of one call: absolute, and above what was allocated before (inputs etc.).
 
