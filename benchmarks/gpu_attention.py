@@ -119,16 +119,32 @@ MEASUREMENTS = ("fwd_ms", "fwd_bwd_ms", "fwd_memory", "fwd_bwd_memory", *GRAPH_M
 NOT_ASKED = "not measured: run with --cuda-graphs"
 
 
-def measure(build: Callable[[], Run], device: torch.device, warmup_ms: float, rep_ms: float) -> dict[str, Measured]:
-    """Forward and forward+backward time and peak memory of one column; failures become strings."""
+Calls = tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], Callable[[], tuple[torch.Tensor, ...]]]]
+
+
+def column_calls(build: Callable[[], Run], device: torch.device) -> Calls | str:
+    """A column's forward (under no_grad) and, given an upstream gradient, its forward+backward; or why
+    the column could not be built."""
     built = guarded(build, device)
     if isinstance(built, str):
-        return dict.fromkeys(MEASUREMENTS, built)
+        return built
     output, leaves = built
 
     def forward() -> torch.Tensor:
         with torch.no_grad():
             return output()
+
+    def forward_backward(upstream: torch.Tensor) -> Callable[[], tuple[torch.Tensor, ...]]:
+        return lambda: torch.autograd.grad(output(), leaves, upstream)
+    return forward, forward_backward
+
+
+def measure(build: Callable[[], Run], device: torch.device, warmup_ms: float, rep_ms: float) -> dict[str, Measured]:
+    """Forward and forward+backward time and peak memory of one column; failures become strings."""
+    calls = column_calls(build, device)
+    if isinstance(calls, str):
+        return dict.fromkeys(MEASUREMENTS, calls)
+    forward, with_backward = calls
     result: dict[str, Measured] = {"fwd_ms": guarded(lambda: bench_ms(forward, device, warmup_ms, rep_ms), device),
                                    **dict.fromkeys(GRAPH_MEASUREMENTS, NOT_ASKED)}
     if isinstance(result["fwd_ms"], str) and result["fwd_ms"] != "OOM":
@@ -137,9 +153,7 @@ def measure(build: Callable[[], Run], device: torch.device, warmup_ms: float, re
     upstream = guarded(lambda: torch.randn_like(forward()), device)
     if isinstance(upstream, str):
         return dict(result, fwd_bwd_ms=upstream, fwd_bwd_memory=upstream)
-
-    def forward_backward() -> tuple[torch.Tensor, ...]:
-        return torch.autograd.grad(output(), leaves, upstream)
+    forward_backward = with_backward(upstream)
     result["fwd_bwd_ms"] = guarded(lambda: bench_ms(forward_backward, device, warmup_ms, rep_ms), device)
     result["fwd_bwd_memory"] = guarded(lambda: peak_memory_mib(forward_backward, device), device)
     return result
@@ -147,20 +161,15 @@ def measure(build: Callable[[], Run], device: torch.device, warmup_ms: float, re
 
 def measure_graphs(build: Callable[[], Run], device: torch.device, rep_ms: float) -> dict[str, Measured]:
     """Forward and forward+backward of one column replayed from CUDA graphs; failures become strings."""
-    built = guarded(build, device)
-    if isinstance(built, str):
-        return dict.fromkeys(GRAPH_MEASUREMENTS, built)
-    output, leaves = built
-
-    def forward() -> torch.Tensor:
-        with torch.no_grad():
-            return output()
+    calls = column_calls(build, device)
+    if isinstance(calls, str):
+        return dict.fromkeys(GRAPH_MEASUREMENTS, calls)
+    forward, with_backward = calls
     result = {"fwd_graph_ms": guarded(lambda: bench_graph_ms(forward, device, rep_ms), device)}
     upstream = guarded(lambda: torch.randn_like(forward()), device)
     if isinstance(upstream, str):
         return dict(result, fwd_bwd_graph_ms=upstream)
-    result["fwd_bwd_graph_ms"] = guarded(
-        lambda: bench_graph_ms(lambda: torch.autograd.grad(output(), leaves, upstream), device, rep_ms), device)
+    result["fwd_bwd_graph_ms"] = guarded(lambda: bench_graph_ms(with_backward(upstream), device, rep_ms), device)
     return result
 
 
