@@ -319,7 +319,8 @@ def summary(rows: list[dict[str, Any]], graphs: bool) -> str:
         if graphs:
             for name in ("fla_chunk_linear_attn", "triton_attention"):
                 line[f"{short[name]} f+b graph"] = columns[name]["fwd_bwd_graph_ms"]
-            g_graph = {"xfla fwd graph": g["speedup_vs_fla_fwd_graph"], "xfla f+b graph": g["speedup_vs_fla_fwd_bwd_graph"]}
+            g_graph = {"xfla fwd graph": g["speedup_vs_fla_fwd_graph"],
+                       "xfla f+b graph": g["speedup_vs_fla_fwd_bwd_graph"]}
         times.append(line)
         goal_lines.append({**case, "xfla fwd": g["speedup_vs_fla_fwd"], "xfla f+b": g["speedup_vs_fla_fwd_bwd"],
                            "xref fwd": g["speedup_vs_reference_fwd"], "xref f+b": g["speedup_vs_reference_fwd_bwd"],

@@ -73,9 +73,9 @@ def _bwd_query_kernel(
     stat = pid_bh.to(tl.int64) * T
     n_stat = (tl.num_programs(1) * GROUP).to(tl.int64) * T  # offset of WIN_SUMS' second half: B*H*T
     N = tl.cdiv(T, C)
-    chunk = pid_bh.to(tl.int64) * tl.cdiv(T, C) + n
+    chunk = pid_bh.to(tl.int64) * N + n
     stored = n // EVERY
-    state = pid_bh.to(tl.int64) * tl.cdiv(tl.cdiv(T, C), EVERY) + stored
+    state = pid_bh.to(tl.int64) * tl.cdiv(N, EVERY) + stored
     DT = Q.dtype.element_ty
 
     r = tl.arange(0, C)
@@ -338,8 +338,9 @@ def hybrid_attention_chunk_bwd(q, k, v, fq, fk, gamma, o, den, max_, states, zs,
         _bwd_query_kernel[grid](
             q, k, v, *feats, states if has_linear else den, zs if has_linear else den, gamma_arg,
             do, o, den, max_, delta, dq if has_window else q, dk_shares, dk if has_window else q, counts[0],
-            dfq if has_linear else q, dgamma, win_sums, *bht_strides(q), *bht_strides(k), *bht_strides(v), *bht_strides(do), *bht_strides(feats[0]),
-            *bht_strides(dk_shares), T, scale, SIDE=side, EVERY=every, **meta)
+            dfq if has_linear else q, dgamma, win_sums, *bht_strides(q), *bht_strides(k), *bht_strides(v),
+            *bht_strides(do), *bht_strides(feats[0]), *bht_strides(dk_shares), T, scale, SIDE=side, EVERY=every,
+            **meta)
 
     if has_window:  # the window side computes delta for the launches after it
         delta = torch.empty_like(den)
