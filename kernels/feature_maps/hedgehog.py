@@ -23,15 +23,21 @@ Kernels, in the order a training step runs them:
                   at the Llama-3-8B shape on an H100.
 dx and dW come from separate kernels because one program cannot hold both: dx sums over the query
 heads of a group per token block, dW over all token blocks per query head.
+
+Head dims that are not powers of two >= 16 (8: stories260K, 80, 96: Phi-3) are zero-padded up to
+one, in x and in W's rows, by `hedgehog_feature_map`: the zeros add nothing to u = x W_h, and the
+pad outside the autograd function slices dx and dW back. F' is not padded, since zero columns of u
+would be logits of the softmaxes: it must be a power of two itself.
 """
 import torch
+import torch.nn.functional as F_
 import triton
 import triton.language as tl
 
 from ..strides import bht_strides
 
-# D and F' are tl.dot dimensions (>= 16) and block shapes (powers of two); above 128 the fp32
-# [tokens, F'] tiles of the backward no longer fit in registers.
+# D and F' are tl.dot dimensions (>= 16) and block shapes (powers of two), D after padding; above
+# 128 the fp32 [tokens, D] and [tokens, F'] tiles of the backward no longer fit in registers.
 MIN_DIM, MAX_DIM = 16, 128
 # Floats the kernel takes on CUDA. fp32 is refused there as by the chunk attention kernels (which met
 # illegal memory accesses with fp32 tiles on an H100, triton 3.6): fp32 models keep the PyTorch maps.
@@ -212,9 +218,13 @@ def _kernel_dim(dim: int) -> bool:
     return MIN_DIM <= dim <= MAX_DIM and not dim & (dim - 1)
 
 
+def _padded_dim(dim: int) -> int:
+    return max(MIN_DIM, triton.next_power_of_2(dim))
+
+
 def hedgehog_kernel_takes(head_dim: int, feature_dim: int) -> bool:
     """Whether the kernels take maps of this shape (the model falls back to PyTorch where not)."""
-    return _kernel_dim(head_dim) and _kernel_dim(feature_dim)
+    return 1 <= head_dim <= MAX_DIM and _kernel_dim(feature_dim)
 
 
 def check_hedgehog_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -222,11 +232,15 @@ def check_hedgehog_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
     if x.dim() != 4 or weight.dim() != 3 or x.shape[-1] != weight.shape[1] or weight.shape[0] % x.shape[1]:
         raise ValueError(f"expected x [B,Hx,T,D] and weight [H,D,F'] with Hx dividing H; got "
                          f"{tuple(x.shape)}, {tuple(weight.shape)}")
-    for name, dim in (("head dim D", weight.shape[1]), ("feature dim F'", weight.shape[2])):
-        if not _kernel_dim(dim):
-            raise ValueError(f"the fused Hedgehog kernel needs the {name} to be a power of two in "
-                             f"[{MIN_DIM}, {MAX_DIM}]; got {dim}: use the PyTorch feature map "
-                             "(attention.backend: torch)")
+    D, F = weight.shape[1:]
+    if D > MAX_DIM:
+        raise ValueError(f"the fused Hedgehog kernel needs the head dim D to be at most {MAX_DIM} (its fp32 "
+                         f"tiles of the backward must fit in registers); got {D}: use the PyTorch feature map "
+                         "(attention.backend: torch)")
+    if not _kernel_dim(F):
+        raise ValueError(f"the fused Hedgehog kernel needs the feature dim F' to be a power of two in "
+                         f"[{MIN_DIM}, {MAX_DIM}]; got {F}: use the PyTorch feature map "
+                         "(attention.backend: torch)")
     if x.device != weight.device:
         raise ValueError(f"x and weight must be on one device; got {x.device}, {weight.device}")
     allowed = CUDA_DTYPES if x.device.type == "cuda" else (*CUDA_DTYPES, torch.float32)
@@ -246,10 +260,14 @@ def hedgehog_feature_map(
     """phi = max([softmax(x W_h), softmax(-x W_h)], eps) per query head h, reading x head h // (H // Hx).
 
     Differentiable in x (dx in x's dtype, summed over each group in fp32) and weight (fp32 sums
-    over B and T, returned in weight's dtype). D and F' powers of two in [16, 128]; bf16/fp16 on
-    CUDA, fp32 too under TRITON_INTERPRET=1 on CPU. Any strides whose last is 1 are read in place.
+    over B and T, returned in weight's dtype). D up to 128, zero-padded to a power of two >= 16
+    where it is not one (a copy of x); F' a power of two in [16, 128]; bf16/fp16 on CUDA, fp32 too
+    under TRITON_INTERPRET=1 on CPU. Any strides whose last is 1 are read in place.
     """
     check_hedgehog_inputs(x, weight)
+    pad = _padded_dim(x.shape[-1]) - x.shape[-1]
+    if pad:
+        x, weight = F_.pad(x, (0, pad)), F_.pad(weight, (0, 0, 0, pad))
     if x.stride(-1) != 1:
         x = x.contiguous()
     return HedgehogFeatureMapFunction.apply(x, weight.contiguous(), eps)

@@ -8,7 +8,7 @@
 """
 from typing import Callable
 
-from .chunk import hybrid_attention_chunk
+from .chunk import chunk_refusal, hybrid_attention_chunk
 from .naive import hybrid_attention_naive, hybrid_attention_weights
 from .parallel import hybrid_attention_parallel
 from .recurrent import HybridState, hybrid_attention_recurrent, hybrid_attention_step, prefill_state
@@ -39,7 +39,7 @@ def hybrid_attention_decode(state: RingState, q, k, v, fq, fk, gamma, window_siz
     return DECODE_BACKENDS[backend](state, q, k, v, fq, fk, gamma, window_size, window, scale)
 
 
-__all__ = ["BACKENDS", "HybridState", "WINDOW_KINDS", "hybrid_attention", "hybrid_attention_chunk", "hybrid_attention_naive", "hybrid_attention_weights",
+__all__ = ["BACKENDS", "HybridState", "chunk_refusal", "WINDOW_KINDS", "hybrid_attention", "hybrid_attention_chunk", "hybrid_attention_naive", "hybrid_attention_weights",
            "hybrid_attention_parallel", "hybrid_attention_recurrent", "hybrid_attention_step",
            "prefill_state", "window_kind"]
 __all__ += ["DECODE_BACKENDS", "RingState", "fill_ring_state", "fused_recurrent_hybrid_attention",

@@ -14,8 +14,14 @@ besides the inputs), and the backward's kernels in `chunk_bwd.py`.
 
 Dots take operands in the input dtype (bf16/fp16 on GPU) and accumulate in fp32; normalisers,
 maxima, z and dz are fp32. fp32 inputs use tf32 dots on GPU and exact ones in the interpreter.
+
+D and F are tile dimensions, so the kernels take powers of two >= 16 (tl.arange, tl.dot); other
+head dims (8: stories260K, 80, 96: Phi-3) are zero-padded up to one by `hybrid_attention_chunk`.
+Zero columns of q, k, fq, fk add nothing to any dot product and zero columns of v give zero output
+columns, sliced away; the pad outside the autograd function slices the gradients back.
 """
 import torch
+import torch.nn.functional as F_
 import triton
 import triton.language as tl
 
@@ -140,6 +146,39 @@ class HybridAttentionChunkFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+# Largest D and F: beyond them the backward's fp32 tiles ([C, D], the [F, D] states) would not fit in
+# registers, and neither dim is tiled.
+MAX_HEAD_DIM, MAX_FEATURE_DIM = 128, 256
+
+
+def chunk_refusal(head_dim: int, feature_dim: int | None, window_size: int, window: str,
+                  device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why these kernels cannot take a layer of this shape, or None when they can.
+
+    `attention.backend: auto` asks this before choosing Triton (and falls back to PyTorch, saying
+    why); an explicit `triton` raises with the same words."""
+    for name, dim, top in (("head dim", head_dim, MAX_HEAD_DIM), ("feature dim", feature_dim or 1, MAX_FEATURE_DIM)):
+        if not 1 <= dim <= top:
+            return (f"the triton backend needs the {name} to be in [1, {top}] (its fp32 tiles of the backward "
+                    f"must fit in registers); got {dim}")
+    try:
+        check_dtype(device, dtype)
+        chunk_size(window_size, window)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _padded(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x with its last dim zero-padded to `dim`; x itself where it has that size already (no copy)."""
+    return x if x.shape[-1] == dim else F_.pad(x, (0, dim - x.shape[-1]))
+
+
+def _tile_dim(dim: int) -> int:
+    """The power of two >= 16 a dim is padded to: tl.arange needs powers of two, tl.dot at least 16."""
+    return max(16, triton.next_power_of_2(dim))
+
+
 def hybrid_attention_chunk(
     q: torch.Tensor,  # [B,H,T,D]
     k: torch.Tensor,  # [B,Hkv,T,D]
@@ -153,21 +192,22 @@ def hybrid_attention_chunk(
 ) -> torch.Tensor:  # [B,H,T,D] in q's dtype
     """Hybrid attention through the Triton kernels, differentiable in q, k, v, fq, fk and gamma.
 
-    D and F must be powers of two >= 16 (D up to 128); window kinds as in `chunk_size`.
+    D up to 128 and F up to 256, zero-padded to powers of two >= 16 where they are not (a copy of
+    the inputs); window kinds as in `chunk_size`.
     """
     check_inputs(q, k, v, fq, fk, gamma, window_size)
     D = q.shape[-1]
-    F = fq.shape[-1] if fq is not None else 16
-    for name, dim, top in (("head dim", D, 128), ("feature dim", F, 256)):
-        if dim < 16 or dim > top or dim & (dim - 1):
-            raise ValueError(f"the triton backend needs the {name} to be a power of two in [16, {top}]; got {dim}: "
-                             "use attention.backend: torch")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    check_dtype(q.device, q.dtype)
+    refusal = chunk_refusal(D, fq.shape[-1] if fq is not None else None, window_size, window, q.device, q.dtype)
+    if refusal is not None:
+        raise ValueError(f"{refusal}: use attention.backend: torch")
     chunk = chunk_size(window_size, window)
-    scale = D**-0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else scale  # of the model's head dim, not the padded one
+    q, k, v = (_padded(x, _tile_dim(D)) for x in (q, k, v))
     if fq is not None:
-        fq, fk = fq.contiguous(), fk.contiguous()
-    return HybridAttentionChunkFunction.apply(q, k, v, fq, fk, gamma, window_size, window == "terrace",
-                                              scale, chunk)
+        F = _tile_dim(fq.shape[-1])
+        fq, fk = _padded(fq, F).contiguous(), _padded(fk, F).contiguous()
+    o = HybridAttentionChunkFunction.apply(q, k, v, fq, fk, gamma, window_size, window == "terrace",
+                                           scale, chunk)
+    return o if o.shape[-1] == D else o[..., :D]

@@ -20,8 +20,7 @@ def chunk_size(window_size: int, window: str) -> int:
     c = max(MIN_CHUNK, triton.next_power_of_2(window_size))
     if c > MAX_CHUNK or (window == "terrace" and c % window_size):
         raise ValueError(f"the triton backend supports sliding windows up to {MAX_CHUNK} and terrace windows "
-                         f"that are powers of two up to {MAX_CHUNK}; got {window} {window_size}: "
-                         "use attention.backend: torch")
+                         f"that are powers of two up to {MAX_CHUNK}; got {window} {window_size}")
     return c
 
 
@@ -54,8 +53,7 @@ def check_dtype(device: torch.device, dtype: torch.dtype) -> None:
     if device.type == "cuda" and dtype == torch.float32:
         # fp32 tiles hit illegal memory accesses in the earlier, sequential form of these kernels on an
         # H100 (triton 3.6); fp32 has not been run on a GPU since, so it stays on PyTorch there
-        raise ValueError("the triton backend takes bf16 or fp16 on CUDA, not fp32: cast the model or "
-                         "use attention.backend: torch")
+        raise ValueError("the triton backend takes bf16 or fp16 on CUDA, not fp32")
 
 
 @triton.jit

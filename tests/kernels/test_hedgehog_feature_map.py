@@ -7,7 +7,7 @@ bf16 check runs on a GPU: benchmarks/gpu_feature_map.py.
 import pytest
 import torch
 
-from kernels.feature_maps import hedgehog_feature_map
+from kernels.feature_maps import hedgehog_feature_map, hedgehog_kernel_takes
 from pipeline.hybrid import HybridAttention, HybridConfig
 from pipeline.hybrid import attention as attention_module
 from pipeline.hybrid import feature_maps as feature_maps_module
@@ -59,6 +59,13 @@ def test_kernel_matches_torch_map_values_and_gradients(B, H, Hx, T, D, F):
     compare(torch.randn(B, Hx, T, D, requires_grad=True), reference_map(H, D, F))
 
 
+@pytest.mark.parametrize("D", [8, 24, 80, 96])  # stories260K, -, -, Phi-3: padded to 16, 32, 128, 128
+def test_head_dims_off_the_tiles_are_padded_without_changing_values_or_gradients(D):
+    """Keys (Hx = 2 of H = 4) as the model hands them over, a transposed view, over two token blocks."""
+    x = torch.randn(1, 130, 2, D).transpose(1, 2).requires_grad_()
+    compare(x, reference_map(4, D, 32))
+
+
 def test_transposed_view_is_read_in_place():
     """The model hands q and k over as [B,T,H,D] tensors transposed to [B,H,T,D]."""
     x = torch.randn(2, 50, 2, 16).transpose(1, 2).requires_grad_()  # [B,Hx,T,D], strides of [B,T,Hx,D]
@@ -94,16 +101,21 @@ def test_half_precision_accumulates_in_fp32():
 
 
 @pytest.mark.parametrize("x_shape,weight_shape,match", [
-    ((1, 2, 10, 8), (2, 8, 16), "head dim D to be a power of two"),
-    ((1, 2, 10, 16), (2, 16, 48), "feature dim F' to be a power of two"),
-    ((1, 2, 10, 256), (2, 256, 16), "head dim D"),
+    ((1, 2, 10, 16), (2, 16, 48), "feature dim F' to be a power of two"),  # zero logits would join the softmax
+    ((1, 2, 10, 256), (2, 256, 16), "head dim D to be at most 128"),  # Gemma
     ((1, 3, 10, 16), (4, 16, 16), "Hx dividing H"),
 ])
 def test_unsupported_inputs_are_refused_naming_the_torch_map(x_shape, weight_shape, match):
     with pytest.raises(ValueError, match=match) as error:
         hedgehog_feature_map(torch.randn(x_shape), torch.randn(weight_shape))
-    if "power of two" in match:
+    if "dim" in match:
         assert "use the PyTorch feature map" in str(error.value)
+
+
+def test_the_kernel_takes_every_head_dim_up_to_128_and_feature_dims_that_are_powers_of_two():
+    assert all(hedgehog_kernel_takes(D, 64) for D in (1, 8, 24, 80, 96, 128))
+    assert not hedgehog_kernel_takes(256, 64)
+    assert not any(hedgehog_kernel_takes(96, F) for F in (8, 48, 256))
 
 
 def test_integer_inputs_are_refused():

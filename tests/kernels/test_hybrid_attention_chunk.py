@@ -25,6 +25,18 @@ SHAPES = [
 ]
 MODES = ["hybrid", "window_only", "linear_only"]
 WINDOWS = ["sliding", "terrace"]
+# (D, F, mode, window, window_size): head dims of real models that are not powers of two >= 16 (8:
+# stories260K, 80, 96: Phi-3) and feature dims that are not either, zero-padded to the kernels' tiles
+# (8 -> 16, 24 -> 32, 80 and 96 -> 128; F 12 -> 16, 48 -> 64).
+PADDED = [
+    pytest.param(8, 12, "hybrid", "terrace", 32, id="D8-F12-terrace"),
+    pytest.param(8, 12, "hybrid", "sliding", 24, id="D8-F12-sliding"),
+    pytest.param(24, 16, "hybrid", "sliding", 16, id="D24-sliding"),
+    pytest.param(24, 16, "window_only", "terrace", 64, id="D24-window-only"),
+    pytest.param(80, 48, "hybrid", "sliding", 64, id="D80-F48-sliding"),
+    pytest.param(96, 32, "hybrid", "terrace", 64, id="D96-terrace"),
+    pytest.param(96, 32, "linear_only", "sliding", 0, id="D96-linear-only"),
+]
 
 
 def compare(inputs, window_size: int, window: str, ratio: float | None = None) -> None:
@@ -60,6 +72,27 @@ def test_states_stored_every_few_chunks_give_the_same_values_and_gradients(mode,
     monkeypatch.setattr(chunk_module, "STATE_EVERY", every)
     monkeypatch.setattr(chunk_module, "DSTATE_EVERY", dstate_every)
     compare(make_inputs(1, 2, 1, 260, 16, 16, mode), window_for(mode, 32), window)  # 5 chunks of 64
+
+
+@pytest.mark.parametrize("D,F,mode,window,w", PADDED)
+def test_dims_off_the_tiles_are_padded_without_changing_values_or_gradients(D, F, mode, window, w):
+    """The default scale is D**-0.5 of the unpadded D, as in the reference; GQA 4:2 over three chunks."""
+    compare(make_inputs(1, 4, 2, 130, D, F, mode), w, window)
+
+
+def test_dims_on_the_tiles_reach_the_kernels_uncopied(monkeypatch):
+    seen = []
+
+    class Spy:
+        @staticmethod
+        def apply(q, k, v, fq, fk, *args):
+            seen.extend((q, k, v, fq, fk))
+            return torch.zeros_like(q)
+
+    monkeypatch.setattr(chunk_module, "HybridAttentionChunkFunction", Spy)
+    inputs = make_inputs(1, 4, 2, 10, 16, 32, "hybrid")
+    hybrid_attention_chunk(*inputs, 64, "sliding")
+    assert all(a is b for a, b in zip(seen, inputs))
 
 
 def nan_filled(allocate):
@@ -100,10 +133,14 @@ def test_unsupported_windows_name_the_torch_backend(window, size):
         hybrid_attention_chunk(*inputs, size, window)
 
 
-def test_head_dim_must_suit_the_kernel():
-    inputs = make_inputs(1, 2, 2, 10, 8, 16, "hybrid")
-    with pytest.raises(ValueError, match="head dim"):
+@pytest.mark.parametrize("D,F,refused", [(256, 16, "head dim"), (16, 512, "feature dim")])
+def test_dims_beyond_the_tiles_are_refused(D, F, refused):
+    """Gemma's head dim 256: the backward's fp32 tiles would not fit in registers, and D is not tiled."""
+    inputs = make_inputs(1, 2, 2, 10, D, F, "hybrid")
+    with pytest.raises(ValueError, match=rf"needs the {refused} to be in \[1, \d+\] .*: use attention.backend: torch"):
         hybrid_attention_chunk(*inputs, 64, "sliding")
+    assert chunk_module.chunk_refusal(D, F, 64, "sliding", torch.device("cuda"), torch.bfloat16).startswith(
+        f"the triton backend needs the {refused}")
 
 
 def test_chunk_covers_the_window():
@@ -119,10 +156,11 @@ def test_auto_backend_is_the_kernel_on_cuda_and_torch_on_cpu():
     assert resolve_backend("auto", torch.device("cuda"), dtype=torch.float32) == "torch"  # refused there
 
 
-def test_fp32_on_cuda_is_refused_with_the_fix():
+def test_fp32_on_cuda_is_refused():
+    """hybrid_attention_chunk adds the fix to every refusal (test_unsupported_windows_name_the_torch_backend)."""
     check_dtype(torch.device("cuda"), torch.bfloat16)
     check_dtype(torch.device("cpu"), torch.float32)  # the interpreter runs fp32 fine
-    with pytest.raises(ValueError, match="attention.backend: torch"):
+    with pytest.raises(ValueError, match="not fp32"):
         check_dtype(torch.device("cuda"), torch.float32)
 
 
