@@ -1,15 +1,16 @@
 """One dataclass per params.yaml block (defaults equal params.yaml; a test checks that).
 
-Blocks shared by several stages (`teacher`, `attention`, `tracking`) come first, then one block per
+Blocks shared by several stages (`teacher`, `compute`, `attention`, `tracking`) come first, then one block per
 stage in pipeline order. Reading and checking rules live in `params.py`.
 """
+import re
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
 
 from .hybrid.config import HybridConfig
-from .params import ParamsBlock
+from .params import ConfigError, ParamsBlock
 
 
 @dataclass
@@ -18,13 +19,43 @@ class TeacherConfig(ParamsBlock):
 
     # "SmolLM2-135M-Instruct" (the embedded GGUF, offline), a local HF folder, or a hub id
     source: str = "SmolLM2-135M-Instruct"
-    dtype: Literal["float32", "bfloat16"] = "float32"  # fp32 on CPU; bf16 halves memory on GPU
 
     def __post_init__(self) -> None:
         self.require(bool(self.source.strip()), "source", "must name a model")
 
+
+@dataclass
+class ComputeConfig(ParamsBlock):
+    """Where every stage that runs a model runs it, and in which precision.
+
+    `auto` needs no edit between machines: CUDA when torch sees a GPU, else the CPU; bf16 weights on
+    CUDA, fp32 on the CPU. Trainable weights (feature maps, window factors, LoRA) stay fp32 masters
+    whatever `dtype` says, and so does their optimizer state.
+    """
+
+    BLOCK = "compute"
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # the frozen weights and activations
+
+    def __post_init__(self) -> None:
+        self.require(self.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
+                     "device", "must be auto, cpu, cuda or cuda:N")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"compute.device: {self.device!r} asked for, but torch sees no CUDA device; "
+                              "use auto or cpu")
+        return device
+
     @property
     def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
 
 
@@ -79,11 +110,18 @@ class CacheTeacherAttnConfig(ParamsBlock):
     # the teacher's layer count = one block = upstream's joint 8B recipe (§2)
     block_size: int = 1
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # storage; bf16 halves disk, as upstream trains
-    max_cache_gb: float = 4.0  # stop before writing a cache larger than this (GiB)
+    max_cache_gb: float = 4.0  # the largest cache written (GiB); `states: auto` goes online above it
+    # disk: cache every block's input states; online: nothing on disk, attention-transfer runs the
+    # teacher on the fly and trains all layers as one joint block (one teacher forward feeds every
+    # layer's loss, upstream's recipe; block_size does not apply); auto: disk while the cache fits
+    # max_cache_gb, online above it
+    states: Literal["auto", "disk", "online"] = "auto"
+    batch_size: int = 1  # chunks per teacher forward
 
     def __post_init__(self) -> None:
         self.require(self.block_size >= 1, "block_size", "must be at least 1 layer")
         self.require(self.max_cache_gb > 0, "max_cache_gb", "must be a positive size in GiB")
+        self.require(self.batch_size >= 1, "batch_size", "must be at least 1 chunk")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -98,6 +136,7 @@ class TrainingConfig(ParamsBlock):
     weight_decay: float = 0.0
     epochs: int = 2  # passes over the train chunks (paper: 2)
     grad_accum: int = 8  # chunks per update (paper: micro-batch 1 x 8 = 8,192 tokens at seq_len 1024)
+    batch_size: int = 1  # chunks per forward pass; divides grad_accum (a GPU wants several)
     max_updates: int | None = None  # stop early after this many updates (CPU budget); null = all epochs
     eval_every: int = 100  # updates between validation passes (paper: 100)
     plateau_patience: int = 10  # evaluations without improvement before the lr drops (paper: 10)
@@ -110,6 +149,8 @@ class TrainingConfig(ParamsBlock):
         self.require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         self.require(self.epochs >= 0, "epochs", "must be >= 0 (0 keeps the initial weights)")
         self.require(self.grad_accum >= 1, "grad_accum", "must be at least 1 chunk")
+        self.require(self.batch_size >= 1 and self.grad_accum % self.batch_size == 0, "batch_size",
+                     f"must be at least 1 and divide grad_accum ({self.grad_accum})")
         self.require(self.max_updates is None or self.max_updates >= 0, "max_updates", "must be null or >= 0")
         self.require(self.eval_every >= 1, "eval_every", "must be at least 1 update")
         self.require(self.plateau_patience >= 0, "plateau_patience", "must be >= 0")
@@ -128,9 +169,13 @@ class AttentionTransferConfig(TrainingConfig):
     eval_every: int = 8  # CPU default; paper: 100
     mse_factor: float = 1000.0  # x MSE of per-head outputs before o_proj (paper: 1000)
     xent_factor: float = 0.0  # x attention-weight cross-entropy; quadratic memory (8B paper: 0)
+    # the stage fails when more than this fraction of the trained blocks never beats its initial
+    # validation loss (they keep their initial weights); fewer are a warning, a metric and a tag
+    max_unimproved_frac: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.require(0 <= self.max_unimproved_frac <= 1, "max_unimproved_frac", "must lie in [0, 1]")
         self.require(self.mse_factor >= 0, "mse_factor", "must be >= 0")
         self.require(self.xent_factor >= 0, "xent_factor", "must be >= 0")
         self.require(self.mse_factor + self.xent_factor > 0, "mse_factor", "and xent_factor cannot both be 0")
@@ -216,5 +261,5 @@ class LmEvalConfig(ParamsBlock):
                      f"must be null or at least ppl_seq_len ({self.ppl_seq_len}) tokens")
 
 
-__all__ = ["AttentionTransferConfig", "CacheTeacherAttnConfig", "HybridConfig", "LmEvalConfig", "LoraRecoverConfig",
+__all__ = ["AttentionTransferConfig", "CacheTeacherAttnConfig", "ComputeConfig", "HybridConfig", "LmEvalConfig", "LoraRecoverConfig",
            "PrepareDataConfig", "TeacherConfig", "TrackingConfig", "TrainingConfig", "VariantConfig"]

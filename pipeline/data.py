@@ -22,7 +22,7 @@ from datasets import Dataset, DatasetDict, Features, List, Value, load_dataset, 
 from tqdm import tqdm
 
 from .config import PrepareDataConfig
-from .io import atomic_dir
+from .io import DataFileError, atomic_dir
 from .params import ConfigError
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,24 @@ def read_alpaca_rows(source: str) -> Iterator[Row]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[Row]:
+    """Each non-blank line as one row; a line that is not an Alpaca row fails naming the file and line."""
+    rows = 0
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row.get("instruction"), str) or not isinstance(row.get("output"), str):
-                    raise ValueError(f"{path}:{line_no}: expected string fields instruction and output")
-                yield row
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip())
+            except json.JSONDecodeError as e:  # its own line number counts within `line` only
+                raise DataFileError(f"{path}: not valid JSON, {e.msg} at column {e.colno} (line {line_no})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) \
+                    or not isinstance(row.get("output"), str):
+                raise DataFileError(f"{path}: expected an object with string fields instruction and output, "
+                                    f"got {line.strip()[:60]!r} (line {line_no})")
+            rows += 1
+            yield row
+    if rows == 0:
+        raise DataFileError(f"{path}: holds no rows (empty file)")
 
 
 def format_prompt(row: Row) -> str:

@@ -57,5 +57,6 @@ def task_bars(table: dict[str, dict[str, dict]], path: Path) -> Path:
                capsize=2, label=model)
     ax.set_xticks(range(len(tasks)), [f"{t}\n{TASK_METRICS.get(t, 'mean')}" for t in tasks], fontsize=7)
     ax.set(ylabel="accuracy", title="lm-eval scores (error bars: stderr)")
-    ax.legend(fontsize=7, ncol=len(models))
+    # below the axes: inside them the legend covered the error bars of the tallest bars
+    ax.legend(fontsize=7, ncol=len(models), loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     return _save(fig, path)

@@ -1,4 +1,7 @@
-"""Outputs land whole or not at all: write to a temporary sibling, then rename over the target."""
+"""Outputs land whole or not at all: write to a temporary sibling, then rename over the target.
+
+Inputs that cannot be used raise `DataFileError`, whose message starts with the file's path.
+"""
 import contextlib
 import hashlib
 import json
@@ -8,6 +11,11 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+class DataFileError(ValueError):
+    """An input file that is missing, empty or corrupt; the message starts with its path
+    and ends with `(line N)` where a line is at fault."""
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:

@@ -8,6 +8,7 @@ cross-entropy on response tokens (prompt labels are -100).
 A student folder holds the hybrid weights (`save_linearized`) and the adapter (peft
 `save_pretrained`); `load_student` rebuilds the whole model from the teacher source and it.
 """
+import json
 from pathlib import Path
 
 import torch
@@ -36,24 +37,41 @@ def add_lora(model: PreTrainedModel, cfg: LoraRecoverConfig, train_feature_maps:
 def recover(model: PeftModel, data: DatasetDict, cfg: LoraRecoverConfig, checkpoint: Path,
             log_metrics: LogFn) -> FitResult:
     train = data["train"]
+    device = next(model.parameters()).device
 
-    def loss(index: int) -> dict[str, torch.Tensor]:
-        row = train[index]
-        return {"loss": model(torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss}
+    def loss(indices: list[int]) -> dict[str, torch.Tensor]:
+        # transformers' mean over the response tokens of the whole micro-batch: with several
+        # chunks per forward, a chunk weighs by its response tokens (one chunk: its own mean)
+        rows = train[indices]
+        ids, labels = torch.tensor(rows["input_ids"], device=device), torch.tensor(rows["labels"], device=device)
+        return {"loss": model(ids, labels=labels).loss}
 
     named_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     return fit(named_params, loss, range(len(train)), lambda: split_loss(model, data["validation"]),
                cfg, checkpoint, "lora-recover", log_metrics)
 
 
+ADAPTER_CONFIG = "adapter_config.json"  # peft's name for it
+
+
 def save_student(model: PeftModel, folder: str | Path, teacher_source: str) -> None:
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
+        _sort_target_modules(tmp / ADAPTER_CONFIG)
         save_linearized(model.get_base_model(), tmp, teacher_source)
 
 
-def load_student(folder: str | Path, teacher_source: str | None = None,
-                 dtype: torch.dtype = torch.float32) -> PeftModel:
+def _sort_target_modules(path: Path) -> None:
+    """peft writes `target_modules` from a set, in an order that changes from process to process
+    (string hashing is salted), so the same weights would give a new file and a new DVC hash."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))  # peft's own layout
+
+
+def load_student(folder: str | Path, teacher_source: str | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> PeftModel:
     """The linearized teacher with its saved hybrid weights and LoRA adapter, ready for inference."""
-    base = load_linearized(folder, teacher_source, dtype)
+    base = load_linearized(folder, teacher_source, dtype, device)
     return PeftModel.from_pretrained(base, str(folder)).eval()

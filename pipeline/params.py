@@ -4,6 +4,10 @@ Every params block is a dataclass deriving from `ParamsBlock` with a `BLOCK` nam
 key in params.yaml (and to the DVC stage that owns it). `build_block` rejects unknown keys and
 values of the wrong type; each block's `__post_init__` checks ranges and choices through
 `require`. All errors are `ConfigError` whose text starts with the dotted key.
+
+params.yaml is read as DVC reads it, YAML 1.2 through ruamel.yaml's safe loader, so a value means
+the same to a stage as to `dvc params diff` and `dvc exp run -S` (`1e-3` is a number in YAML 1.2,
+a string to PyYAML's YAML 1.1 resolver).
 """
 import dataclasses
 import types
@@ -11,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 PARAMS_FILE = "params.yaml"
 
@@ -36,8 +40,11 @@ B = TypeVar("B", bound=ParamsBlock)
 
 
 def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
-    with open(path) as f:
-        params = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            params = YAML(typ="safe").load(f) or {}
+    except YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping of params blocks")
     return params

@@ -22,10 +22,11 @@ def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 def split_loss(model: torch.nn.Module, dataset, limit: int | None = None) -> dict[str, float]:
     """Mean response-token loss and perplexity of `model` over the chunks of one dataset split."""
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     rows = range(len(dataset) if limit is None else min(limit, len(dataset)))
     for i in rows:
         row = dataset[i]
-        ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+        ids, labels = torch.tensor([row["input_ids"]], device=device), torch.tensor([row["labels"]], device=device)
         nll, n = response_nll(model(ids).logits, labels)
         total, count = total + nll.item(), count + n
     loss = total / max(count, 1)

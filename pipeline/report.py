@@ -7,6 +7,7 @@ HTML page (figures inlined as base64 PNG) for a browser or an MLflow artifact vi
 import base64
 import html
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,22 +110,33 @@ def document(results: PipelineResults, figure_paths: dict[str, Path], limits: di
     doc.append(("table", ["benchmark"] + [f"{m} gap closure" for m in students] + [f"{m} recovery" for m in students],
                 [[t] + [_fmt(table[m][t]["gap_closure"]) for m in students] + [_fmt(table[m][t]["recovery"]) for m in students]
                  for t in ROWS]))
+    scored = {m: results.lm_eval[m] for m in models}
+    wikitext, alpaca = (max((m.get(f"{k}_tokens", 0) for m in scored.values()), default=0)
+                        for k in ("wikitext2", "alpaca_val"))
     doc += [("h", 2, "Perplexity"),
-            ("table", ["model", "WikiText-2 test", "Alpaca validation"],
-             [[m, _fmt(results.lm_eval[m].get("wikitext2_ppl"), 2), _fmt(results.lm_eval[m].get("alpaca_val_ppl"), 2)]
-              for m in models]),
-            ("p", "Paper Table 1 'PPL@0': Alpaca validation perplexity after the swap, before LoRA."),
+            ("p", f"lm-eval stages: WikiText-2 test ({wikitext:.0f} tokens) and Alpaca validation "
+                  f"({alpaca:.0f} response tokens: the chunks that hold `lm-eval.ppl_max_tokens`)."),
+            ("table", ["model", "WikiText-2 test", "Alpaca validation (lm-eval)"],
+             [[m, _fmt(r.get("wikitext2_ppl"), 2), _fmt(r.get("alpaca_val_ppl"), 2)] for m, r in scored.items()]),
+            ("p", f"Paper Table 1 'PPL@0': Alpaca validation perplexity after the swap, before LoRA, and after it, "
+                  f"as lora-recover measures it: all {results.prepare['val_chunks']} validation chunks, so it can "
+                  "differ from the lm-eval column above, which scores fewer."),
             ("table", ["variant", "PPL@0 (before LoRA)", "after LoRA"],
              [[v, _fmt(m["val_ppl_start"], 2), _fmt(m["val_ppl"], 2)] for v, m in results.lora.items()])]
+    def speed(m: dict) -> list[str]:  # pipeline.throughput's figures of one stage
+        memory = _fmt(m["peak_gpu_memory_gib"], 2) if "peak_gpu_memory_gib" in m else "— (CPU)"
+        return [_fmt(m["tokens_per_s"], 0) if "tokens_per_s" in m else "—", memory, _fmt(m.get("wall_time_s"), 1)]
+
     doc += [("h", 2, "Cost"),
-            ("table", ["stage", "variant", "train tokens (per block)", "updates", "trainable params", "wall time (s)"],
-             [["cache-teacher-attn", "—", results.cache["cache_tokens"], "—", 0, _fmt(results.cache["wall_time_s"], 1)]]
+            ("table", ["stage", "variant", "train tokens (per block)", "updates", "trainable params", "tokens/s",
+                       "peak GPU memory (GiB)", "wall time (s)"],
+             [["cache-teacher-attn", "—", results.cache["cache_tokens"], "—", 0, *speed(results.cache)]]
              + [["attention-transfer", v, m["train_chunks_per_block"] * results.prepare["train_tokens"]
                  // max(results.prepare["train_chunks"], 1), m["updates_per_block"], m["trainable_params"],
-                 _fmt(m["wall_time_s"], 1)] for v, m in results.transfer.items()]
-             + [["lora-recover", v, m["train_tokens"], m["updates"], m["trainable_params"], _fmt(m["wall_time_s"], 1)]
+                 *speed(m)] for v, m in results.transfer.items()]
+             + [["lora-recover", v, m["train_tokens"], m["updates"], m["trainable_params"], *speed(m)]
                 for v, m in results.lora.items()]
-             + [["lm-eval", m, "—", "—", "—", _fmt(results.lm_eval[m].get("wall_time_s"), 1)] for m in models])]
+             + [["lm-eval", m, "—", "—", "—", *speed(results.lm_eval[m])] for m in models])]
     doc.append(("h", 2, "Figures"))
     doc += [("img", path, caption) for caption, path in figure_paths.items()]
     for name, bench in results.benchmarks.items():
@@ -132,6 +144,10 @@ def document(results: PipelineResults, figure_paths: dict[str, Path], limits: di
                 ("table", ["key", "value"], [[k, json.dumps(v) if isinstance(v, (dict, list)) else v]
                                              for k, v in bench.items() if k != "command"])]
     return doc
+
+
+def _frame(block: Block) -> pd.DataFrame:
+    return pd.DataFrame(block[2], columns=block[1]).astype(str)
 
 
 def to_markdown(doc: list[Block], root: Path) -> str:
@@ -142,12 +158,15 @@ def to_markdown(doc: list[Block], root: Path) -> str:
         elif block[0] == "p":
             lines += [block[1], ""]
         elif block[0] == "table":
-            header, rows = block[1], block[2]
-            lines += ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows] + [""]
+            lines += [_frame(block).to_markdown(index=False, disable_numparse=True), ""]
         else:
             lines += [f"![{block[2]}]({block[1].relative_to(root).as_posix()})", ""]
     return "\n".join(lines)
+
+
+def _inline_html(text: str) -> str:
+    """Escaped text with Markdown's `code` spans as <code> (the paragraphs are written for both)."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
 
 
 def to_html(doc: list[Block]) -> str:
@@ -158,11 +177,9 @@ def to_html(doc: list[Block]) -> str:
         if block[0] == "h":
             parts.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
         elif block[0] == "p":
-            parts.append(f"<p>{html.escape(block[1])}</p>")
+            parts.append(f"<p>{_inline_html(block[1])}</p>")
         elif block[0] == "table":
-            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in block[1])
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in block[2])
-            parts.append(f"<table><tr>{head}</tr>{body}</table>")
+            parts.append(_frame(block).to_html(index=False, border=0))
         else:
             data = base64.b64encode(block[1].read_bytes()).decode()
             parts.append(f"<figure><img src='data:image/png;base64,{data}'><figcaption>{html.escape(block[2])}</figcaption></figure>")

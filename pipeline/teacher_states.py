@@ -9,6 +9,11 @@ Layout of the folder: `manifest.json` (config, blocks, chunk counts; written las
 means complete) and shards `{split}-{shard:04d}.safetensors`, each holding `block_{b}` tensors of
 [n, T, hidden] for up to CHUNKS_PER_SHARD chunks. Shards are written atomically and a restarted
 run skips those already there, so a killed stage resumes. Reads are memory-mapped.
+
+`cache-teacher-attn.states: online` (or `auto` with a cache above `max_cache_gb`) writes no shards:
+the manifest then says so, and attention-transfer trains every layer as one joint block from the
+token embeddings, with the teacher's attention run on the fly inside each layer (upstream's joint
+recipe; a paper-scale cache would need ~345 GB for SmolLM2-135M at block_size 1).
 """
 import json
 import logging
@@ -19,20 +24,22 @@ from pathlib import Path
 
 import torch
 from datasets import DatasetDict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from .config import CacheTeacherAttnConfig
-from .io import atomic_write, atomic_write_json
+from .io import DataFileError, atomic_write, atomic_write_json
 from .params import ConfigError
 from .perplexity import response_nll
+from .throughput import throughput_metrics
 
 log = logging.getLogger(__name__)
 
 CHUNKS_PER_SHARD = 16  # bounds memory while writing: 16 x T x hidden x blocks values
 MANIFEST = "manifest.json"
+DISK, ONLINE = "disk", "online"  # where transfer's block inputs come from (`cache-teacher-attn.states`)
 PROGRESS = "progress.json"  # the config being written; a different one wipes partial shards
 SPLITS = ("train", "validation")
 
@@ -42,23 +49,59 @@ def transfer_blocks(num_layers: int, block_size: int) -> list[range]:
     return [range(start, min(start + block_size, num_layers)) for start in range(0, num_layers, block_size)]
 
 
+def shard_path(folder: Path, split: str, shard: int) -> Path:
+    return folder / f"{split}-{shard:04d}.safetensors"
+
+
 def cache_bytes(num_tokens: int, hidden_size: int, num_blocks: int, dtype: torch.dtype) -> int:
     return num_tokens * hidden_size * num_blocks * torch.finfo(dtype).bits // 8
 
 
 @dataclass
 class TeacherStates:
-    """Read side of the cache: `read(block, split, index)` -> [1, T, hidden]."""
+    """Read side of the cache: `read(block, split, indices)` -> [len(indices), T, hidden].
+
+    In online mode (`manifest["mode"] == "online"`) nothing was written but the manifest: the one
+    block spans every layer, its input is the token embedding, computed here from the prepared
+    chunks by `embed` (the model being trained), and the model in transfer mode runs the teacher's
+    attention itself, layer after layer (`transfer.block_forward`).
+    """
 
     folder: Path
     manifest: dict
+    chunks: DatasetDict | None = None  # prepared data, online mode only
+    embed: torch.nn.Module | None = None
 
     @classmethod
-    def open(cls, folder: str | Path) -> "TeacherStates":
+    def open(cls, folder: str | Path, chunks: DatasetDict | None = None,
+             embed: torch.nn.Module | None = None) -> "TeacherStates":
         folder = Path(folder)
         if not (folder / MANIFEST).exists():
             raise FileNotFoundError(f"{folder} holds no complete teacher-state cache (no {MANIFEST}); run cache-teacher-attn")
-        return cls(folder, json.loads((folder / MANIFEST).read_text()))
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if manifest["mode"] == ONLINE and (chunks is None or embed is None):
+            raise ValueError(f"{folder}: online teacher states need the prepared chunks and the model's embedding")
+        states = cls(folder, manifest, chunks, embed)
+        if manifest["mode"] == DISK:
+            states._check_shards()
+        return states
+
+    def _check_shards(self) -> None:
+        """Open every shard's header now (cheap, memory-mapped), so that a truncated or missing shard
+        fails before any training, naming the file, rather than as a bare SafetensorError mid-run."""
+        expected = {f"block_{b}" for b in range(len(self.blocks))}
+        for split in SPLITS:
+            for shard in range(-(-self.num_chunks(split) // CHUNKS_PER_SHARD)):
+                path = shard_path(self.folder, split, shard)
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        missing = sorted(expected - set(f.keys()))
+                except (SafetensorError, OSError) as e:
+                    raise DataFileError(f"{path}: unreadable teacher-state shard ({e}); "
+                                        "`dvc repro -f cache-teacher-attn` writes the cache anew") from None
+                if missing:
+                    raise DataFileError(f"{path}: teacher-state shard without {missing}; "
+                                        "`dvc repro -f cache-teacher-attn` writes the cache anew")
 
     @property
     def blocks(self) -> list[range]:
@@ -67,10 +110,34 @@ class TeacherStates:
     def num_chunks(self, split: str) -> int:
         return self.manifest["chunks"][split]
 
-    def read(self, block: int, split: str, index: int) -> torch.Tensor:
+    def read(self, block: int, split: str, indices: list[int]) -> torch.Tensor:
+        if self.manifest["mode"] == ONLINE:
+            device = self.embed.weight.device
+            with torch.no_grad():
+                return self.embed(torch.tensor(self.chunks[split][indices]["input_ids"], device=device))
+        return torch.cat([self._read_one(block, split, index) for index in indices])
+
+    def _read_one(self, block: int, split: str, index: int) -> torch.Tensor:
         shard, row = divmod(index, CHUNKS_PER_SHARD)
-        with safe_open(str(self.folder / f"{split}-{shard:04d}.safetensors"), framework="pt") as f:
+        with safe_open(str(shard_path(self.folder, split, shard)), framework="pt") as f:
             return f.get_slice(f"block_{block}")[row:row + 1]
+
+
+def storage_mode(cfg: CacheTeacherAttnConfig, size: int, describe: str) -> str:
+    """disk or online for `states` and a cache of `size` bytes (`describe` says what it holds)."""
+    if cfg.states == ONLINE:
+        return ONLINE
+    if size <= cfg.max_cache_gb * 2**30:
+        return DISK
+    if cfg.states == "auto":
+        log.warning("cache-teacher-attn.states auto: online, since the cache would need %.2f GiB (%s), more "
+                    "than max_cache_gb %s; attention-transfer trains all layers as one joint block",
+                    size / 2**30, describe, cfg.max_cache_gb)
+        return ONLINE
+    raise ConfigError(
+        f"cache-teacher-attn.max_cache_gb: the cache needs {size / 2**30:.2f} GiB ({describe}), more than "
+        f"{cfg.max_cache_gb}; raise it, raise block_size (fewer blocks), lower prepare-data.max_train_tokens, "
+        "or set states: online (nothing on disk)")
 
 
 @torch.no_grad()
@@ -86,34 +153,35 @@ def write_teacher_states(model: PreTrainedModel, data: DatasetDict, cfg: CacheTe
     seq_len = len(data["train"][0]["input_ids"])
     chunks = {split: len(data[split]) for split in SPLITS}
     size = cache_bytes(sum(chunks.values()) * seq_len, model.config.hidden_size, len(blocks), cfg.torch_dtype)
-    if size > cfg.max_cache_gb * 2**30:
-        raise ConfigError(
-            f"cache-teacher-attn.max_cache_gb: the cache needs {size / 2**30:.2f} GiB "
-            f"({sum(chunks.values())} chunks x {seq_len} tokens x hidden {model.config.hidden_size} x "
-            f"{len(blocks)} blocks x {cfg.torch_dtype}), more than {cfg.max_cache_gb}; raise it, raise "
-            "block_size (fewer blocks), or lower prepare-data.max_train_tokens")
+    mode = storage_mode(cfg, size, f"{sum(chunks.values())} chunks x {seq_len} tokens x hidden "
+                                   f"{model.config.hidden_size} x {len(blocks)} blocks x {cfg.torch_dtype}")
+    if mode == ONLINE:
+        blocks, size = [range(0, num_layers)], 0
+    device = next(model.parameters()).device
 
-    progress = {"config": cfg.to_dict(), "chunks": chunks, "seq_len": seq_len}
+    progress = {"config": cfg.to_dict(), "chunks": chunks, "seq_len": seq_len, "mode": mode}
     _start_or_resume(folder, progress)
     start = time.perf_counter()
-    val_loss, val_tokens = 0.0, 0
+    val_loss, val_tokens, forward_tokens = 0.0, 0, 0
     for split in SPLITS:
         for first in tqdm(range(0, chunks[split], CHUNKS_PER_SHARD), desc=f"teacher states ({split})", unit="shard"):
-            shard = folder / f"{split}-{first // CHUNKS_PER_SHARD:04d}.safetensors"
+            shard = shard_path(folder, split, first // CHUNKS_PER_SHARD)
             rows = data[split][first:first + CHUNKS_PER_SHARD]
-            ids = torch.tensor(rows["input_ids"])
-            need_states = not shard.exists()
+            ids, labels = torch.tensor(rows["input_ids"]), torch.tensor(rows["labels"])
+            need_states = mode == DISK and not shard.exists()
+            if not need_states and split != "validation":
+                continue
             states: dict[str, list[torch.Tensor]] = {f"block_{b}": [] for b in range(len(blocks))}
-            for i in range(len(ids)):
-                if not need_states and split != "validation":
-                    break
-                out = model(ids[i:i + 1], output_hidden_states=need_states)
+            for i in range(0, len(ids), cfg.batch_size):
+                batch = ids[i:i + cfg.batch_size].to(device)
+                out = model(batch, output_hidden_states=need_states)
+                forward_tokens += batch.numel()
                 if split == "validation":  # the teacher's perplexity, reported beside the students'
-                    loss, n = response_nll(out.logits, torch.tensor(rows["labels"][i:i + 1]))
+                    loss, n = response_nll(out.logits, labels[i:i + cfg.batch_size].to(device))
                     val_loss, val_tokens = val_loss + loss.item(), val_tokens + n
                 if need_states:
                     for b, block in enumerate(blocks):  # hidden_states[l] enters layer l
-                        states[f"block_{b}"].append(out.hidden_states[block.start].to(cfg.torch_dtype))
+                        states[f"block_{b}"].append(out.hidden_states[block.start].to(cfg.torch_dtype).cpu())
             if need_states:
                 tensors = {name: torch.cat(parts).contiguous() for name, parts in states.items()}
                 atomic_write(shard, lambda tmp: save_file(tensors, tmp))
@@ -121,11 +189,12 @@ def write_teacher_states(model: PreTrainedModel, data: DatasetDict, cfg: CacheTe
                     hidden_size=model.config.hidden_size)
     atomic_write_json(folder / MANIFEST, manifest)
     (folder / PROGRESS).unlink()
-    return {
+    wall_time = time.perf_counter() - start
+    return dict({
         "cache_gib": size / 2**30, "cache_tokens": sum(chunks.values()) * seq_len, "blocks": len(blocks),
+        "online": float(mode == ONLINE),
         "teacher_val_loss": val_loss / val_tokens, "teacher_val_ppl": float(torch.tensor(val_loss / val_tokens).exp()),
-        "wall_time_s": time.perf_counter() - start,
-    }
+    }, **throughput_metrics(forward_tokens, wall_time, device))
 
 
 def _start_or_resume(folder: Path, progress: dict) -> None:

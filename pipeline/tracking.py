@@ -6,6 +6,10 @@ of params.yaml and the DVC experiment name (env `DVC_EXP_NAME`, set by `dvc exp 
 otherwise): the newest RUNNING parent with that key is reused, else a new one is created with every
 params.yaml value logged under its dotted name. A failing stage marks its run and the parent FAILED;
 the last stage of the pipeline closes the parent as FINISHED (`closes_pipeline=True`).
+A stage killed outright (SIGKILL, power loss) cannot mark anything, so every stage run records its
+process (tags `host`, `pid`, `process_start`) and each new stage first marks KILLED the RUNNING
+runs whose process on this host is gone, with their parents: history never shows a dead run as
+RUNNING, and no new execution adopts a dead parent.
 
 `StageRun.log_metrics` writes the DVC metrics JSON and logs the same dict to MLflow in one call,
 so the two cannot disagree. mlflow takes ~2 s to import, so it is imported only when a run starts.
@@ -16,12 +20,15 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from .config import TrackingConfig
 from .io import atomic_write
@@ -110,6 +117,10 @@ class StageRun:
         for i in range(0, len(entries), 1000):  # MLflow's per-call limit for metrics
             self.client.log_batch(run_id, metrics=entries[i:i + 1000])
 
+    def set_tag(self, key: str, value: str) -> None:
+        """A fact about the stage run that is not a number (e.g. which blocks diverged)."""
+        self.client.set_tag(self.run_id, key, value)
+
     def log_artifact(self, path: str | Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
@@ -127,9 +138,10 @@ def stage_run(stage: str, params: ParamsBlock | Sequence[ParamsBlock] | Mapping[
     client = mlflow_client(tracking)
     experiment_id = _experiment_id(client, tracking.experiment, uri)
     commit, exp_name = git_commit(), dvc_experiment()
+    _mark_dead_runs_killed(client, experiment_id)
     parent_id = _parent_run(client, experiment_id, Path(params_file), commit, exp_name)
     tags = {"stage": stage, "git_commit": commit, "dvc_experiment": exp_name,
-            "mlflow.parentRunId": parent_id}
+            "mlflow.parentRunId": parent_id, **_process_tags(os.getpid())}
     run_id = client.create_run(experiment_id, run_name=stage, tags=tags).info.run_id
     _log_params(client, run_id, _as_params(params))
     log.info("MLflow run %s (%s) under pipeline run %s at %s", run_id, stage, parent_id, uri)
@@ -160,6 +172,35 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
         store = Path(uri.removeprefix("sqlite:///")).resolve()
         artifacts = (store.parent / ARTIFACT_DIR).as_uri()
     return client.create_experiment(name, artifact_location=artifacts)
+
+
+def _process_tags(pid: int) -> dict[str, str]:
+    """What identifies a process on this machine: its pid and start time (pids are reused)."""
+    return {"host": socket.gethostname(), "pid": str(pid), "process_start": repr(psutil.Process(pid).create_time())}
+
+
+def _alive(tags: Mapping[str, str]) -> bool:
+    """Whether the process a run's tags name (on this host) still runs."""
+    try:
+        started = psutil.Process(int(tags["pid"])).create_time()
+    except psutil.NoSuchProcess:
+        return False
+    return abs(started - float(tags["process_start"])) < 1  # otherwise the pid now belongs to another process
+
+
+def _mark_dead_runs_killed(client: Any, experiment_id: str) -> None:
+    """Stage runs left RUNNING by a process of this host that no longer exists, and their parents: KILLED."""
+    host = socket.gethostname()
+    for run in client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.host = '{host}'",
+                                  max_results=1000):
+        if _alive(run.data.tags):
+            continue
+        client.set_terminated(run.info.run_id, "KILLED")
+        parent_id = run.data.tags["mlflow.parentRunId"]
+        if client.get_run(parent_id).info.status == "RUNNING":
+            client.set_terminated(parent_id, "KILLED")
+        log.warning("MLflow run %s (%s) was left RUNNING by process %s, which is gone: marked it and its "
+                    "pipeline run %s KILLED", run.info.run_id, run.info.run_name, run.data.tags["pid"], parent_id)
 
 
 def _parent_run(client: Any, experiment_id: str, params_file: Path, commit: str, exp_name: str) -> str:

@@ -1,19 +1,24 @@
 """The optimisation loop both training stages share (../shared/design/lolcats.md §2, §3).
 
-AdamW; one update per `grad_accum` chunks; a validation pass every `eval_every` updates (and before
+AdamW; one update per `grad_accum` chunks, `batch_size` of them per forward; a validation pass every `eval_every` updates (and before
 the first one) steps ReduceLROnPlateau and keeps the best weights, which are restored at the end
 ("early stopping" is best-checkpoint selection, as upstream). Robustness is part of the loop:
   * a checkpoint (trainable tensors, optimizer, schedule, position, best weights, history) is written
     atomically after every validation pass; a restarted run continues from it and, since the data
     order is a function of (seed, epoch) alone, reaches the same weights as an uninterrupted run;
-  * a non-finite loss part or gradient stops training with a `NonFiniteError` naming it and the update.
+  * a non-finite loss part, gradient or validation metric stops training with a `NonFiniteError`
+    naming it and the update.
 """
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
+import pickle
+import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,12 +30,17 @@ from .io import atomic_write
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[int], Mapping[str, torch.Tensor]]  # train item -> {"loss": total, part: value, ...}
+# train items of one forward -> {"loss": their mean total, part: value, ...}
+LossFn = Callable[[list[int]], Mapping[str, torch.Tensor]]
 EvalFn = Callable[[], Mapping[str, float]]  # -> {"loss": validation loss, part: value, ...}
 LogFn = Callable[[Mapping[str, float], int], None]  # (step metrics, update)
 
 
-class NonFiniteError(RuntimeError):
+class TrainingFailure(RuntimeError):
+    """Training ran to a result that cannot be used; the same params would fail the same way again."""
+
+
+class NonFiniteError(TrainingFailure):
     """Training produced NaN or Inf; the message names the loss part or parameter and the update."""
 
 
@@ -64,7 +74,7 @@ def fit(named_params: Mapping[str, torch.nn.Parameter], loss_fn: LossFn, train_i
         total_updates = min(total_updates, cfg.max_updates)
     state = _load(checkpoint)
     if state is None:
-        initial = dict(evaluate())
+        initial = _checked(evaluate(), name, 0)
         state = {"update": 0, "items_seen": 0, "elapsed": 0.0, "initial": initial, "best": initial,
                  "best_params": _snapshot(named_params), "history": [dict(initial, update=0)], "train_curve": []}
         log_metrics({f"val_{k}": v for k, v in initial.items()}, 0)
@@ -84,13 +94,14 @@ def fit(named_params: Mapping[str, torch.nn.Parameter], loss_fn: LossFn, train_i
         order = _epoch_order(len(train_items), cfg.seed, epoch)
         batch = [train_items[i] for i in order[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
         totals: dict[str, float] = {}
-        for item in batch:
-            parts = loss_fn(item)
+        for first in range(0, len(batch), cfg.batch_size):
+            micro = batch[first:first + cfg.batch_size]  # one forward; its loss is the mean over it
+            parts = loss_fn(micro)
             for part, value in parts.items():
                 if not torch.isfinite(value):
                     raise NonFiniteError(f"{name}: non-finite {part} ({value.item()}) at update {update + 1}")
-                totals[part] = totals.get(part, 0.0) + value.item() / len(batch)
-            (parts["loss"] / len(batch)).backward()
+                totals[part] = totals.get(part, 0.0) + value.item() * len(micro) / len(batch)
+            (parts["loss"] * len(micro) / len(batch)).backward()
         for key, p in named_params.items():
             if p.grad is not None and not torch.isfinite(p.grad).all():
                 raise NonFiniteError(f"{name}: non-finite gradient of {key} at update {update + 1}")
@@ -102,7 +113,7 @@ def fit(named_params: Mapping[str, torch.nn.Parameter], loss_fn: LossFn, train_i
                     state["update"])
         progress.update()
         if state["update"] % cfg.eval_every == 0 or state["update"] == total_updates:
-            metrics = dict(evaluate())
+            metrics = _checked(evaluate(), name, state["update"])
             schedule.step(metrics["loss"])
             state["history"].append(dict(metrics, update=state["update"]))
             log_metrics({f"val_{k}": v for k, v in metrics.items()}, state["update"])
@@ -116,6 +127,15 @@ def fit(named_params: Mapping[str, torch.nn.Parameter], loss_fn: LossFn, train_i
             p.copy_(state["best_params"][key])
     return FitResult(state["initial"], state["best"], state["update"], state["items_seen"],
                      time.perf_counter() - start, state["history"], state["train_curve"])
+
+
+def _checked(metrics: Mapping[str, float], name: str, update: int) -> dict[str, float]:
+    """Validation metrics, or a NonFiniteError: a NaN loss never compares as best, so without this
+    a diverged run would quietly keep its initial weights."""
+    for part, value in metrics.items():
+        if not math.isfinite(value):
+            raise NonFiniteError(f"{name}: non-finite validation {part} ({value}) at update {update}")
+    return dict(metrics)
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -135,9 +155,18 @@ def _save(path: Path, state: dict, named_params, optimizer, schedule) -> None:
 
 
 def _load(path: Path) -> dict | None:
+    """The checkpoint at `path`, or None; one that cannot be read is renamed aside, so every rerun
+    (`dvc repro -f` included) starts that training afresh instead of failing on it again."""
     if not path.exists():
         return None
-    return torch.load(path, weights_only=True)
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # what torch.load raises on a truncated file
+        aside = path.with_name(f"{path.name}.corrupt")
+        os.replace(path, aside)
+        log.warning("%s: unreadable checkpoint (%s: %s), set aside as %s; training starts afresh",
+                    path, type(e).__name__, str(e).split(". ")[0], aside)
+        return None
 
 
 CHECKPOINT_ROOT = Path(".cache/checkpoints")
@@ -145,6 +174,24 @@ CHECKPOINT_ROOT = Path(".cache/checkpoints")
 
 def checkpoint_dir(stage: str, name: str, identity: Mapping) -> Path:
     """Where a stage keeps resumable checkpoints: keyed by everything that shapes the result, so
-    a changed param never resumes a stale run. The stage deletes it once its outs are written."""
+    a changed param never resumes a stale run (see `resumable` for when it is deleted)."""
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return CHECKPOINT_ROOT / stage / f"{name}-{digest}"
+
+
+@contextlib.contextmanager
+def resumable(folder: Path) -> Iterator[Path]:
+    """`folder` created for a stage's checkpoints and deleted when the body succeeds or training fails
+    (`TrainingFailure`: resuming would fail again); any other end (a kill, an interrupt, out of
+    memory) keeps it for the rerun to resume from, and the log says where it is."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except TrainingFailure:
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("removed the checkpoints of the failed training in %s", folder)
+        raise
+    except BaseException:
+        log.warning("checkpoints kept in %s: a rerun with the same params resumes from them", folder)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)

@@ -4,7 +4,8 @@ Every block of consecutive layers is an independent problem: its inputs are the 
 states entering it (`teacher_states.py`), inside it each hybrid layer returns the teacher's attention
 output so the next layer sees teacher states, and the loss is mse_factor x the mean over the
 block's layers of the per-head output MSE (+ xent_factor x attention cross-entropy). Only feature
-maps and window factors train. `train_block` is a function of (block, cache, params) so blocks can
+maps and window factors train. With online teacher states the one block spans every layer and
+starts at the token embeddings (`teacher_states.TeacherStates`). `train_block` is a function of (block, cache, params) so blocks can
 later run on several devices at once; here they run one after another.
 """
 import contextlib
@@ -18,10 +19,15 @@ from transformers import PreTrainedModel
 
 from .config import AttentionTransferConfig
 from .hybrid.attention import TransferLosses
-from .training import FitResult, LogFn, fit
+from .training import FitResult, LogFn, TrainingFailure, fit
 from .teacher_states import TeacherStates
+from .throughput import throughput_metrics
 
 log = logging.getLogger(__name__)
+
+
+class NoImprovementError(TrainingFailure):
+    """Too many trained blocks ended at their initial weights (best validation loss = initial)."""
 
 
 @dataclass
@@ -68,13 +74,13 @@ def train_block(block: int, states: TeacherStates, model: PreTrainedModel, cfg: 
                 checkpoint: Path, log_metrics: LogFn) -> BlockResult:
     """Transfer one block of `model` (already linearized) from the cached states."""
     layers = states.blocks[block]
-    dtype = next(model.parameters()).dtype
+    weight = next(model.parameters())
     named_params = {n: p for n, p in model.named_parameters()
                     if p.requires_grad and any(f"layers.{i}.self_attn.hybrid." in n for i in layers)}
 
     with transfer_mode(model, layers, with_xent=cfg.xent_factor > 0) as holders:
-        def losses(split: str, index: int) -> dict[str, torch.Tensor]:
-            block_forward(model, layers, states.read(block, split, index).to(dtype))
+        def losses(split: str, indices: list[int]) -> dict[str, torch.Tensor]:
+            block_forward(model, layers, states.read(block, split, indices).to(weight.device, weight.dtype))
             parts = {f"mse_layer_{i}": h.mse for i, h in zip(layers, holders)}
             mse = torch.stack([h.mse for h in holders]).mean()
             total = cfg.mse_factor * mse
@@ -86,9 +92,10 @@ def train_block(block: int, states: TeacherStates, model: PreTrainedModel, cfg: 
         def evaluate() -> dict[str, float]:
             n = states.num_chunks("validation")
             sums: dict[str, float] = {}
-            for index in range(n):
-                for key, value in losses("validation", index).items():
-                    sums[key] = sums.get(key, 0.0) + value.item() / n
+            for first in range(0, n, cfg.batch_size):
+                indices = list(range(first, min(first + cfg.batch_size, n)))
+                for key, value in losses("validation", indices).items():
+                    sums[key] = sums.get(key, 0.0) + value.item() * len(indices) / n
             return sums
 
         result = fit(named_params, lambda index: losses("train", index), range(states.num_chunks("train")),
@@ -103,6 +110,26 @@ def train_block(block: int, states: TeacherStates, model: PreTrainedModel, cfg: 
 class TransferOutcome:
     blocks: list[BlockResult]
 
+    @property
+    def unimproved_blocks(self) -> list[int]:
+        """Trained blocks whose best validation loss is the initial one: `fit` put their starting weights
+        back, so they learned nothing (divergence, e.g. too high an lr). Untrained blocks do not count."""
+        return [b.block for b in self.blocks if b.fit.updates > 0 and b.fit.best["loss"] >= b.fit.initial["loss"]]
+
+    def check_improvement(self, max_unimproved_frac: float, checkpoints: Path) -> None:
+        """A warning naming the unimproved blocks; a `NoImprovementError` when they are more than
+        `max_unimproved_frac` of the trained blocks."""
+        trained = sum(b.fit.updates > 0 for b in self.blocks)
+        unimproved = self.unimproved_blocks
+        if unimproved:
+            log.warning("attention-transfer: blocks %s never beat their initial validation loss and keep their "
+                        "initial weights (diverged? lower attention-transfer.lr)", unimproved)
+        if trained and len(unimproved) / trained > max_unimproved_frac:
+            raise NoImprovementError(
+                f"attention-transfer: {len(unimproved)} of {trained} trained blocks never beat their initial "
+                f"validation loss (blocks {unimproved}), more than max_unimproved_frac {max_unimproved_frac}; "
+                f"lower attention-transfer.lr (checkpoints in {checkpoints} are removed)")
+
     def per_layer_rows(self) -> list[dict[str, float]]:
         """Validation MSE per layer before and after (a dvc plot and a report table)."""
         return [{"layer": i, "mse_before": b.mse_before[i], "mse_after": b.mse_after[i]}
@@ -112,7 +139,8 @@ class TransferOutcome:
         """Train loss of each block at each update, validation loss where there was a pass."""
         return [dict(row, block=b.block) for b in self.blocks for row in b.fit.curve_rows()]
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, seq_len: int, device: torch.device) -> dict[str, float]:
+        """Headline figures; `tokens` counts train tokens through every block (a chunk once per block)."""
         rows = self.per_layer_rows()
         ratios = sorted(r["mse_after"] / r["mse_before"] for r in rows)
         return {
@@ -120,8 +148,10 @@ class TransferOutcome:
             "val_mse_after_mean": sum(r["mse_after"] for r in rows) / len(rows),
             "val_mse_ratio_median": ratios[len(ratios) // 2],
             "updates_per_block": max(b.fit.updates for b in self.blocks),
+            "unimproved_blocks": len(self.unimproved_blocks),
             "train_chunks_per_block": max(b.fit.items_seen for b in self.blocks),
-            "wall_time_s": sum(b.fit.wall_time_s for b in self.blocks),
+            **throughput_metrics(sum(b.fit.items_seen for b in self.blocks) * seq_len,
+                                 sum(b.fit.wall_time_s for b in self.blocks), device),
         }
 
 

@@ -5,7 +5,7 @@
 import argparse
 
 from pipeline import tracking
-from pipeline.config import CacheTeacherAttnConfig, TeacherConfig, TrackingConfig
+from pipeline.config import CacheTeacherAttnConfig, ComputeConfig, TeacherConfig, TrackingConfig
 from pipeline.data import load_prepared
 from pipeline.stage import load_blocks, run_stage
 from pipeline.teacher import load_teacher
@@ -18,10 +18,10 @@ def main() -> None:
     parser.add_argument("out", help="folder for the state shards")
     parser.add_argument("metrics", help="DVC metrics JSON")
     args = parser.parse_args()
-    teacher, cfg, track = load_blocks(TeacherConfig, CacheTeacherAttnConfig, TrackingConfig)
+    teacher, compute, cfg, track = load_blocks(TeacherConfig, ComputeConfig, CacheTeacherAttnConfig, TrackingConfig)
 
-    with tracking.stage_run("cache-teacher-attn", [teacher, cfg], track) as run:
-        model = load_teacher(teacher.source, teacher.torch_dtype)
+    with tracking.stage_run("cache-teacher-attn", [teacher, compute, cfg], track) as run:
+        model = load_teacher(teacher.source, compute.torch_dtype, compute.torch_device)
         metrics = write_teacher_states(model, load_prepared(args.data), cfg, args.out)
         run.log_metrics(metrics, args.metrics)
 

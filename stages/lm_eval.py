@@ -8,11 +8,12 @@ import argparse
 import time
 
 from pipeline import tracking
-from pipeline.config import HybridConfig, LmEvalConfig, TeacherConfig, TrackingConfig
+from pipeline.config import ComputeConfig, HybridConfig, LmEvalConfig, TeacherConfig, TrackingConfig
 from pipeline.data import load_prepared
 from pipeline.evaluation.harness import evaluate_model
 from pipeline.evaluation.models import evaluated_model
 from pipeline.stage import load_blocks, run_stage
+from pipeline.throughput import counted_tokens, throughput_metrics
 
 
 def main() -> None:
@@ -20,13 +21,16 @@ def main() -> None:
     for name in ("name", "source", "data", "metrics"):
         parser.add_argument(name)
     args = parser.parse_args()
-    teacher, attention, cfg, track = load_blocks(TeacherConfig, HybridConfig, LmEvalConfig, TrackingConfig)
+    teacher, compute, attention, cfg, track = load_blocks(TeacherConfig, ComputeConfig, HybridConfig, LmEvalConfig,
+                                                          TrackingConfig)
 
-    with tracking.stage_run(f"lm-eval@{args.name}", [teacher, attention, cfg], track) as run:
+    with tracking.stage_run(f"lm-eval@{args.name}", [teacher, compute, attention, cfg], track) as run:
         start = time.perf_counter()
-        model, tokenizer = evaluated_model(args.source, teacher, attention)
-        metrics = evaluate_model(model, tokenizer, cfg, load_prepared(args.data)["validation"])
-        run.log_metrics(dict(metrics, wall_time_s=time.perf_counter() - start), args.metrics)
+        model, tokenizer = evaluated_model(args.source, teacher, attention, compute)
+        with counted_tokens(model) as tokens:
+            metrics = evaluate_model(model, tokenizer, cfg, load_prepared(args.data)["validation"])
+        run.log_metrics(dict(metrics, **throughput_metrics(tokens[0], time.perf_counter() - start,
+                                                           compute.torch_device)), args.metrics)
 
 
 if __name__ == "__main__":

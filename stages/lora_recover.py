@@ -4,17 +4,17 @@ For a variant with `transfer: false` the feature maps and window factors train h
 Usage: python -m stages.lora_recover VARIANT DATA_DIR TRANSFER_DIR OUT_DIR METRICS_JSON PLOTS_DIR
 """
 import argparse
-import shutil
 from pathlib import Path
 
 from pipeline import tracking
-from pipeline.config import LoraRecoverConfig, TeacherConfig, TrackingConfig, VariantConfig
+from pipeline.config import ComputeConfig, LoraRecoverConfig, TeacherConfig, TrackingConfig, VariantConfig
 from pipeline.data import load_prepared
 from pipeline.hybrid import linearized_digest, load_linearized
 from pipeline.io import atomic_write_csv
 from pipeline.lora import add_lora, recover, save_student
 from pipeline.stage import load_blocks, load_entry, run_stage
-from pipeline.training import checkpoint_dir
+from pipeline.throughput import throughput_metrics
+from pipeline.training import checkpoint_dir, resumable
 
 
 def main() -> None:
@@ -22,29 +22,28 @@ def main() -> None:
     for name in ("variant", "data", "transfer", "out", "metrics", "plots"):
         parser.add_argument(name)
     args = parser.parse_args()
-    teacher, cfg, track = load_blocks(TeacherConfig, LoraRecoverConfig, TrackingConfig)
+    teacher, compute, cfg, track = load_blocks(TeacherConfig, ComputeConfig, LoraRecoverConfig, TrackingConfig)
     variant = load_entry(VariantConfig, args.variant)
 
-    with tracking.stage_run(f"lora-recover@{args.variant}", [teacher, cfg, variant], track) as run:
+    with tracking.stage_run(f"lora-recover@{args.variant}", [teacher, compute, cfg, variant], track) as run:
         data = load_prepared(args.data)
-        model = add_lora(load_linearized(args.transfer, teacher.source, teacher.torch_dtype), cfg,
+        device = compute.torch_device
+        model = add_lora(load_linearized(args.transfer, teacher.source, compute.torch_dtype, device), cfg,
                          train_feature_maps=not variant.transfer)
-        checkpoints = checkpoint_dir("lora-recover", args.variant, {
-            "blocks": [teacher.to_dict(), cfg.to_dict(), variant.to_dict()],
-            "transfer": linearized_digest(args.transfer)})
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        result = recover(model, data, cfg, checkpoints / "lora.pt", run.log_step_metrics)
-
-        save_student(model, args.out, teacher.source)
-        atomic_write_csv(Path(args.plots) / "loss.csv", result.curve_rows())
-        seq_len = len(data["train"][0]["input_ids"])
-        run.log_metrics({
-            "val_loss_start": result.initial["loss"], "val_ppl_start": result.initial["ppl"],
-            "val_loss": result.best["loss"], "val_ppl": result.best["ppl"], "updates": result.updates,
-            "train_tokens": result.items_seen * seq_len, "wall_time_s": result.wall_time_s,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        }, args.metrics)
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        with resumable(checkpoint_dir("lora-recover", args.variant, {
+                "blocks": [teacher.to_dict(), compute.to_dict(), cfg.to_dict(), variant.to_dict()],
+                "transfer": linearized_digest(args.transfer)})) as checkpoints:
+            result = recover(model, data, cfg, checkpoints / "lora.pt", run.log_step_metrics)
+            save_student(model, args.out, teacher.source)
+            atomic_write_csv(Path(args.plots) / "loss.csv", result.curve_rows())
+            seq_len = len(data["train"][0]["input_ids"])
+            run.log_metrics({
+                "val_loss_start": result.initial["loss"], "val_ppl_start": result.initial["ppl"],
+                "val_loss": result.best["loss"], "val_ppl": result.best["ppl"], "updates": result.updates,
+                "train_tokens": result.items_seen * seq_len,
+                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                **throughput_metrics(result.items_seen * seq_len, result.wall_time_s, device),
+            }, args.metrics)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ def main() -> None:
     args = parser.parse_args()
     teacher, cfg, track = load_blocks(TeacherConfig, PrepareDataConfig, TrackingConfig)
     rows = read_alpaca_rows(cfg.source)  # a missing local file fails here, before the tokenizer loads
+    tokenizer = load_tokenizer(teacher.source)  # and an unusable teacher.source before MLflow records a run
 
     with tracking.stage_run("prepare-data", [teacher, cfg], track) as run:
-        prepared = prepare_alpaca(rows, load_tokenizer(teacher.source), cfg)
+        prepared = prepare_alpaca(rows, tokenizer, cfg)
         save_prepared(prepared.dataset, args.out)
         run.log_metrics(prepared.metrics, args.metrics)
 

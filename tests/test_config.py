@@ -34,6 +34,10 @@ BAD_VALUES = [
     (config.PrepareDataConfig, {"seq_len": 64, "max_val_tokens": 10}, "prepare-data.max_val_tokens"),
     (config.CacheTeacherAttnConfig, {"block_size": 0}, "cache-teacher-attn.block_size"),
     (config.CacheTeacherAttnConfig, {"max_cache_gb": 0.0}, "cache-teacher-attn.max_cache_gb"),
+    (config.CacheTeacherAttnConfig, {"batch_size": 0}, "cache-teacher-attn.batch_size"),
+    (config.ComputeConfig, {"device": "gpu"}, "compute.device"),
+    (config.AttentionTransferConfig, {"grad_accum": 8, "batch_size": 3}, "attention-transfer.batch_size"),
+    (config.LoraRecoverConfig, {"batch_size": 0}, "lora-recover.batch_size"),
     (config.AttentionTransferConfig, {"lr": 0.0}, "attention-transfer.lr"),
     (config.AttentionTransferConfig, {"weight_decay": -0.1}, "attention-transfer.weight_decay"),
     (config.AttentionTransferConfig, {"epochs": -1}, "attention-transfer.epochs"),
@@ -43,6 +47,7 @@ BAD_VALUES = [
     (config.AttentionTransferConfig, {"plateau_patience": -1}, "attention-transfer.plateau_patience"),
     (config.AttentionTransferConfig, {"plateau_factor": 1.0}, "attention-transfer.plateau_factor"),
     (config.AttentionTransferConfig, {"min_lr": 0.1}, "attention-transfer.min_lr"),
+    (config.AttentionTransferConfig, {"max_unimproved_frac": 1.5}, "attention-transfer.max_unimproved_frac"),
     (config.AttentionTransferConfig, {"mse_factor": -1.0}, "attention-transfer.mse_factor"),
     (config.AttentionTransferConfig, {"xent_factor": -1.0}, "attention-transfer.xent_factor"),
     (config.AttentionTransferConfig, {"mse_factor": 0.0, "xent_factor": 0.0}, "attention-transfer.mse_factor"),
@@ -55,7 +60,9 @@ BAD_VALUES = [
 
 # what build_block itself rejects: types, choices, unknown keys (raw params.yaml values)
 BAD_PARAMS = [
-    (config.TeacherConfig, {"dtype": "float16"}, "teacher.dtype: expected one of ['float32', 'bfloat16']"),
+    (config.TeacherConfig, {"dtype": "float32"}, "teacher.dtype: unknown key; valid keys are"),  # now compute.dtype
+    (config.ComputeConfig, {"dtype": "float16"}, "compute.dtype: expected one of ['auto', 'float32', 'bfloat16']"),
+    (config.CacheTeacherAttnConfig, {"states": "ram"}, "cache-teacher-attn.states: expected one of"),
     (config.TeacherConfig, {"revision": "main"}, "teacher.revision: unknown key; valid keys are"),
     (config.HybridConfig, {"mode": "softmax"}, "attention.mode: expected one of"),
     (config.HybridConfig, {"feature_init": "zeros"}, "attention.feature_init: expected one of"),
@@ -122,3 +129,19 @@ def test_a_mistyped_param_stops_the_stage_with_one_line(tmp_path):
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == ["error: prepare-data.seq_len: expected an integer, got '1024'"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing loaded or written
+
+
+def test_params_read_as_dvc_reads_them_so_1e_3_is_a_number(tmp_path):
+    from dvc.utils.serialize import parse_yaml
+
+    text = "attention-transfer:\n  lr: 1e-3\n  min_lr: 1E-5\n  epochs: 1\n"
+    (tmp_path / "params.yaml").write_text(text)
+    params = read_params(tmp_path / "params.yaml")
+    assert params == parse_yaml(text, "params.yaml")
+    cfg = build_block(config.AttentionTransferConfig, params)
+    assert (cfg.lr, cfg.min_lr, cfg.epochs) == (1e-3, 1e-5, 1)
+    repo_params = REPO / "params.yaml"
+    assert read_params(repo_params) == parse_yaml(repo_params.read_text(), str(repo_params))
+    (tmp_path / "params.yaml").write_text("attention-transfer:\n  lr: [1e-3\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: not valid YAML: "):
+        read_params(tmp_path / "params.yaml")

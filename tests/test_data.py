@@ -7,6 +7,7 @@ from datasets import DatasetDict
 from pipeline.config import PrepareDataConfig
 from pipeline.data import (IGNORE, PROMPT_NO_INPUT, PROMPT_WITH_INPUT, format_prompt, prepare_alpaca,
                            load_prepared, read_alpaca_rows, save_prepared, tokenize_row)
+from pipeline.io import DataFileError
 from pipeline.params import ConfigError
 from pipeline.teacher import load_tokenizer
 
@@ -124,9 +125,28 @@ def test_local_jsonl_source_and_missing_file(tmp_path):
     assert list(read_alpaca_rows(write_jsonl(tmp_path / "a.jsonl", rows))) == rows
     with pytest.raises(ConfigError, match=r"^prepare-data\.source: no such file"):
         read_alpaca_rows(str(tmp_path / "missing.jsonl"))
-    (tmp_path / "bad.jsonl").write_text(json.dumps({"instruction": "x"}) + "\n")
-    with pytest.raises(ValueError, match="bad.jsonl:1: expected string fields"):
-        list(read_alpaca_rows(str(tmp_path / "bad.jsonl")))
+
+
+GOOD_LINE = json.dumps({"instruction": "Say hi.", "input": "", "output": "hi"})
+BAD_FILES = [  # (file text, the error after the path)
+    (f"{GOOD_LINE}\n\n" + '{"instruction": "x", "output": "y",, }\n',
+     "not valid JSON, Expecting property name enclosed in double quotes at column 36 (line 3)"),
+    (f"{GOOD_LINE}\n" + json.dumps(["instruction", "output"]) + "\n",
+     "expected an object with string fields instruction and output, got '[\"instruction\", \"output\"]' (line 2)"),
+    (json.dumps({"instruction": "x"}) + "\n",
+     "expected an object with string fields instruction and output, got '{\"instruction\": \"x\"}' (line 1)"),
+    ("", "holds no rows (empty file)"),
+    ("\n  \n", "holds no rows (empty file)"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_FILES, ids=["malformed", "not-an-object", "no-output", "empty", "blank"])
+def test_a_bad_jsonl_file_is_named_with_the_line_at_fault(tmp_path, text, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataFileError) as caught:
+        list(read_alpaca_rows(str(path)))
+    assert str(caught.value) == f"{path}: {message}"
 
 
 

@@ -17,12 +17,12 @@ from tests.conftest import REPO
 # read by every stage but only says where runs are recorded, so dvc.yaml lists it nowhere.
 SHARED_READS = {
     "prepare-data": {"teacher": ["source"]},
-    "cache-teacher-attn": {"teacher": ["source", "dtype"]},
-    "attention-transfer": {"teacher": ["source", "dtype"], "attention": "all"},
-    "lora-recover": {"teacher": ["source", "dtype"]},
-    "lm-eval-teacher": {"teacher": ["source", "dtype"]},
-    "lm-eval-window-only": {"teacher": ["source", "dtype"], "attention": "all"},
-    "lm-eval": {"teacher": ["source", "dtype"]},
+    "cache-teacher-attn": {"teacher": ["source"], "compute": "all"},
+    "attention-transfer": {"teacher": ["source"], "compute": "all", "attention": "all"},
+    "lora-recover": {"teacher": ["source"], "compute": "all"},
+    "lm-eval-teacher": {"teacher": ["source"], "compute": "all"},
+    "lm-eval-window-only": {"teacher": ["source"], "compute": "all", "attention": "all"},
+    "lm-eval": {"teacher": ["source"], "compute": "all"},
     "report": {"lm-eval": ["limit"]},
 }
 # stages that run another stage's script (and so read its params block), by that stage's name

@@ -1,10 +1,15 @@
 """MLflow bookkeeping (pipeline/tracking.py) against a temporary sqlite store."""
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
 from pipeline import tracking
 from pipeline.config import PrepareDataConfig, TrackingConfig
+from tests.conftest import REPO
 
 PARAMS = "teacher:\n  source: tiny\nprepare-data:\n  seq_len: 32\n  val_rows: 4\n"
 
@@ -131,3 +136,32 @@ def test_env_tracking_uri_wins(monkeypatch):
 
 def test_flatten_uses_dotted_names():
     assert tracking.flatten({"a": {"b": 1, "c": {"d": None}}, "e": "x"}) == {"a.b": 1, "a.c.d": None, "e": "x"}
+
+
+def test_a_killed_stage_is_marked_killed_and_its_parent_never_adopted(setup):
+    cfg, params, client = setup
+    # a stage process that opens its run and is then killed outright: nothing of its own can close it
+    stage = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from pipeline import tracking
+from pipeline.config import TrackingConfig
+with tracking.stage_run("attention-transfer@lolcats", {{}}, TrackingConfig({cfg.experiment!r}, {cfg.tracking_uri!r}),
+                        params_file={str(params)!r}) as run:
+    print(run.run_id, run.parent_id, flush=True)
+    time.sleep(120)
+"""], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    killed_id, dead_parent_id = stage.stdout.readline().split()
+    stage.send_signal(signal.SIGKILL)
+    stage.wait(timeout=30)
+    assert client.get_run(killed_id).info.status == "RUNNING"  # what the issue saw: RUNNING for ever
+
+    with tracking.stage_run("lm-eval@teacher", {}, cfg, params_file=params) as later:
+        pass
+    assert client.get_run(killed_id).info.status == "KILLED"
+    assert client.get_run(dead_parent_id).info.status == "KILLED"
+    assert later.parent_id != dead_parent_id  # the same params, but a new execution
+    assert client.get_run(later.run_id).data.tags["pid"] == str(os.getpid())
+    with tracking.stage_run("report", {}, cfg, params_file=params, closes_pipeline=True):
+        pass  # a live stage's run is left alone by the next one
+    assert client.get_run(later.run_id).info.status == "FINISHED"
+    assert client.get_run(later.parent_id).info.status == "FINISHED"

@@ -1,5 +1,10 @@
 """Training stages on the real stories260K model and real Alpaca rows (../shared/design/lolcats.md §2-§4)."""
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,13 +13,14 @@ from pipeline.config import AttentionTransferConfig, CacheTeacherAttnConfig, Hyb
 from pipeline.data import prepare_alpaca, read_alpaca_rows
 from pipeline.hybrid import hybrid_state_dict, linearize, save_linearized
 from pipeline.lora import add_lora, load_student, recover, save_student
+from pipeline.io import DataFileError
 from pipeline.params import ConfigError
 from pipeline.perplexity import split_loss
 from pipeline.teacher import load_teacher, load_tokenizer
 from pipeline.teacher_states import TeacherStates, write_teacher_states
-from pipeline.training import NonFiniteError, fit
-from pipeline.transfer import train_block, transfer_all_blocks
-from tests.conftest import SHARED
+from pipeline.training import NonFiniteError, fit, resumable
+from pipeline.transfer import BlockResult, NoImprovementError, TransferOutcome, train_block, transfer_all_blocks
+from tests.conftest import REPO, SHARED
 
 TRANSFER = AttentionTransferConfig(epochs=2, grad_accum=2, eval_every=2)
 ATTENTION = HybridConfig(window_size=16)
@@ -45,14 +51,15 @@ def test_cache_holds_the_raw_residual_entering_each_block(stories_path, data, st
     with torch.no_grad():
         hidden = teacher(ids, output_hidden_states=True).hidden_states
     for block, layers in enumerate(states.blocks):
-        cached = states.read(block, "train", 3)
+        cached = states.read(block, "train", [3])
         assert cached.dtype == torch.bfloat16 and cached.shape == (1, 128, 64)
         assert torch.allclose(cached.float(), hidden[layers.start], atol=2e-2, rtol=1e-2)
 
 
 def test_cache_size_is_checked_before_writing(stories_path, data, tmp_path):
     with pytest.raises(ConfigError, match=r"^cache-teacher-attn.max_cache_gb: the cache needs"):
-        write_teacher_states(load_teacher(str(stories_path)), data, CacheTeacherAttnConfig(max_cache_gb=1e-6), tmp_path / "s")
+        write_teacher_states(load_teacher(str(stories_path)), data, CacheTeacherAttnConfig(max_cache_gb=1e-6, states="disk"),
+                             tmp_path / "s")
     assert not (tmp_path / "s").exists()
 
 
@@ -135,3 +142,117 @@ def test_lora_init_follows_the_seed(stories_path):
     first, again, other = lora_a(0), lora_a(0), lora_a(1)
     assert all(torch.equal(first[n], again[n]) for n in first)
     assert not all(torch.equal(first[n], other[n]) for n in first)
+
+
+def test_a_truncated_checkpoint_is_set_aside_and_training_starts_afresh(tmp_path, caplog):
+    cfg = AttentionTransferConfig(epochs=2, grad_accum=1, eval_every=1, lr=0.1)
+
+    def train(checkpoint, log_metrics=lambda m, s: None):
+        p = torch.nn.Parameter(torch.ones(3))
+        target = torch.arange(3.0)
+        loss = lambda i: {"loss": ((p - target * (1 + i[0])) ** 2).sum()}
+        evaluate = lambda: {"loss": ((p.detach() - target) ** 2).sum().item()}
+        return fit({"w": p}, loss, [0, 1], evaluate, cfg, checkpoint, "test", log_metrics), p.detach().clone()
+
+    reference, weights = train(tmp_path / "ref.pt")
+
+    def dying_metrics(metrics, step):
+        if step == 2:
+            raise KeyboardInterrupt
+    checkpoint = tmp_path / "c.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(checkpoint, dying_metrics)
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])  # a kill in the middle of a write elsewhere
+    with caplog.at_level("WARNING", logger="pipeline.training"):
+        result, again = train(checkpoint)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert str(checkpoint) in warning and "c.pt.corrupt" in warning and "afresh" in warning
+    assert (tmp_path / "c.pt.corrupt").exists()
+    assert torch.equal(again, weights) and result.history == reference.history
+
+
+def test_a_truncated_teacher_state_shard_fails_at_open_naming_it(states, tmp_path):
+    folder = tmp_path / "states"
+    shutil.copytree(states.folder, folder)
+    shard = folder / "validation-0000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(DataFileError, match=rf"^{re.escape(str(shard))}: unreadable teacher-state shard \(.*\); "
+                                            r"`dvc repro -f cache-teacher-attn`"):
+        TeacherStates.open(folder)
+    shard.unlink()
+    with pytest.raises(DataFileError, match=rf"^{re.escape(str(shard))}: unreadable teacher-state shard"):
+        TeacherStates.open(folder)
+
+
+def test_a_huge_lr_stops_at_the_first_non_finite_validation_loss(stories_path, states, tmp_path):
+    # before: the NaN validation loss never counted as best, so the block silently kept its initial weights
+    diverging = AttentionTransferConfig(epochs=1, grad_accum=1, eval_every=1, lr=1e6, min_lr=0.0)
+    with pytest.raises(NonFiniteError, match=r"^block 0 \(layers 0-1\): non-finite validation mse_layer_0 \(nan\) "
+                                             r"at update 1$"):
+        transfer_all_blocks(student(stories_path), states, diverging, tmp_path / "c", lambda m, s: None)
+
+
+def test_blocks_that_never_beat_their_initial_loss_are_reported_and_fail_above_the_threshold(tmp_path, caplog):
+    def block(index: int, lr: float) -> BlockResult:  # a quadratic: lr 1e3 overshoots for ever, finitely
+        p = torch.nn.Parameter(torch.ones(3))
+        evaluate = lambda: {"loss": (p.detach() ** 2).sum().item()}
+        cfg = AttentionTransferConfig(epochs=4, grad_accum=1, eval_every=1, lr=lr, min_lr=0.0)
+        result = fit({"w": p}, lambda i: {"loss": (p * p).sum()}, [0, 1], evaluate, cfg, tmp_path / f"{index}.pt",
+                     f"block {index}", lambda m, s: None)
+        return BlockResult(index, [index], result, {index: result.initial["loss"]}, {index: result.best["loss"]})
+
+    outcome = TransferOutcome([block(0, 0.1), block(1, 1e3), block(2, 1e3)])
+    assert outcome.unimproved_blocks == [1, 2]
+    assert outcome.metrics(128, torch.device("cpu"))["unimproved_blocks"] == 2
+    with caplog.at_level("WARNING", logger="pipeline.transfer"):
+        outcome.check_improvement(1.0, tmp_path)  # within the threshold: reported, not fatal
+    assert [r.getMessage() for r in caplog.records] == [
+        "attention-transfer: blocks [1, 2] never beat their initial validation loss and keep their initial weights "
+        "(diverged? lower attention-transfer.lr)"]
+    with pytest.raises(NoImprovementError, match=r"2 of 3 trained blocks .* \(blocks \[1, 2\]\), more than "
+                                                 r"max_unimproved_frac 0.5; lower attention-transfer.lr"):
+        outcome.check_improvement(0.5, tmp_path)
+
+
+def test_a_non_finite_validation_loss_stops_training(tmp_path):
+    p = torch.nn.Parameter(torch.ones(3))
+    cfg = AttentionTransferConfig(epochs=1, grad_accum=1, eval_every=1)
+    passes = iter([1.0, float("nan")])
+    with pytest.raises(NonFiniteError, match=r"^test: non-finite validation loss \(nan\) at update 1$"):
+        fit({"w": p}, lambda i: {"loss": (p * p).sum()}, [0, 1], lambda: {"loss": next(passes)}, cfg,
+            tmp_path / "c.pt", "test", lambda m, s: None)
+
+
+def test_checkpoints_are_removed_after_a_training_failure_and_kept_after_an_interrupt(tmp_path):
+    with pytest.raises(NonFiniteError), resumable(tmp_path / "failed") as folder:
+        (folder / "block_000.pt").write_bytes(b"x")
+        raise NonFiniteError("block 0: non-finite loss")
+    assert not (tmp_path / "failed").exists()
+    with pytest.raises(KeyboardInterrupt), resumable(tmp_path / "killed") as folder:
+        (folder / "block_000.pt").write_bytes(b"x")
+        raise KeyboardInterrupt
+    assert (tmp_path / "killed" / "block_000.pt").exists()
+
+
+SAVE_STUDENT = """
+import sys, torch
+from pipeline.config import HybridConfig, LoraRecoverConfig
+from pipeline.hybrid import linearize
+from pipeline.lora import add_lora, save_student
+from pipeline.teacher import load_teacher
+torch.manual_seed(0)
+model = add_lora(linearize(load_teacher(sys.argv[1]), HybridConfig(window_size=16)), LoraRecoverConfig(),
+                 train_feature_maps=False)
+save_student(model, sys.argv[2], sys.argv[1])
+"""
+
+
+def test_a_saved_student_is_byte_identical_whatever_the_process(stories_path, tmp_path):
+    """peft writes target_modules from a set: without sorting, string-hash salting reorders it per process."""
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}
+        subprocess.run([sys.executable, "-c", SAVE_STUDENT, str(stories_path), str(tmp_path / seed)],
+                       env=env, check=True, capture_output=True, timeout=300)
+    files = sorted(p.name for p in (tmp_path / "1").iterdir())
+    assert "adapter_config.json" in files and files == sorted(p.name for p in (tmp_path / "2").iterdir())
+    assert all((tmp_path / "1" / f).read_bytes() == (tmp_path / "2" / f).read_bytes() for f in files)

@@ -21,24 +21,23 @@ from transformers import PreTrainedModel
 
 from ..hybrid import load_linearized
 from ..hybrid.convert import CONFIG_FILE
-from ..lora import load_student
+from ..lora import ADAPTER_CONFIG, load_student
 from ..teacher import load_teacher, load_tokenizer
 
-ADAPTER_FILE = "adapter_config.json"  # written by peft's save_pretrained (pipeline.lora.save_student)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # as teacher.dtype
 
 
-def load_saved(pretrained: str | Path, teacher: str | None = None,
-               dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, str]:
+def load_saved(pretrained: str | Path, teacher: str | None = None, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> tuple[PreTrainedModel, str]:
     """The model a `pretrained=` argument names, and the teacher source its tokenizer comes from."""
     folder = Path(pretrained)
     if not (folder / CONFIG_FILE).is_file():
         source = teacher or str(pretrained)
-        return load_teacher(source, dtype), source
+        return load_teacher(source, dtype, device), source
     source = teacher or json.loads((folder / CONFIG_FILE).read_text())["teacher_source"]
-    if (folder / ADAPTER_FILE).is_file():
-        return load_student(folder, source, dtype), source
-    return load_linearized(folder, source, dtype).eval(), source
+    if (folder / ADAPTER_CONFIG).is_file():
+        return load_student(folder, source, dtype, device), source
+    return load_linearized(folder, source, dtype, device).eval(), source
 
 
 @register_model("lolcats")
@@ -50,8 +49,7 @@ class LolcatsLM(HFLM):
                 device = "cuda" if torch.cuda.is_available() else "cpu"  # the CLI asks for cuda:0 by default
             if dtype not in DTYPES:
                 raise ValueError(f"LolcatsLM: dtype {dtype!r} is not one of {sorted(DTYPES)}")
-            pretrained, source = load_saved(pretrained, teacher, DTYPES[dtype])
-            pretrained = pretrained.to(device)
+            pretrained, source = load_saved(pretrained, teacher, DTYPES[dtype], device)
             tokenizer = tokenizer or load_tokenizer(source)
         if tokenizer is None:
             raise ValueError("LolcatsLM: an in-memory model needs its tokenizer (tokenizer=...)")

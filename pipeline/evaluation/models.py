@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from ..config import HybridConfig, TeacherConfig
+from ..config import ComputeConfig, HybridConfig, TeacherConfig
 from ..hybrid import linearize
 from ..teacher import load_teacher, load_tokenizer
 from .lm_model import load_saved
@@ -17,16 +17,17 @@ TEACHER = "teacher"
 WINDOW_ONLY = "window_only"
 
 
-def evaluated_model(source: str, teacher: TeacherConfig, attention: HybridConfig) -> tuple[PreTrainedModel, object]:
+def evaluated_model(source: str, teacher: TeacherConfig, attention: HybridConfig,
+                    compute: ComputeConfig) -> tuple[PreTrainedModel, object]:
     """(model, tokenizer) for `teacher`, `window_only` (the swap with the linear branch off, no
-    training) or a saved student / transfer folder."""
+    training) or a saved student / transfer folder, on `compute`'s device and dtype."""
+    dtype, device = compute.torch_dtype, compute.torch_device
     if source == TEACHER:
-        model = load_teacher(teacher.source, teacher.torch_dtype)
+        model = load_teacher(teacher.source, dtype, device)
     elif source == WINDOW_ONLY:
-        model = linearize(load_teacher(teacher.source, teacher.torch_dtype),
-                          dataclasses.replace(attention, mode="window_only"))
+        model = linearize(load_teacher(teacher.source, dtype, device), dataclasses.replace(attention, mode="window_only"))
     elif Path(source).is_dir():
-        model, _ = load_saved(source, teacher.source, teacher.torch_dtype)
+        model, _ = load_saved(source, teacher.source, dtype, device)
     else:
         raise ValueError(f"lm-eval: model source {source!r} is neither {TEACHER!r}, {WINDOW_ONLY!r} nor a folder")
     return model.eval(), load_tokenizer(teacher.source)

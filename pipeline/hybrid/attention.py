@@ -6,6 +6,7 @@ of every decoder layer and registers `hybrid_attention_forward` with transformer
 un-repeated k, v [B,Hkv,T,D], and gets [B,T,H,D] back, like any attention implementation.
 With a `HybridCache` (cache.py) the call is routed to the cache's constant-memory prefill/decode.
 """
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,24 +14,37 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.hybrid_attention import BACKENDS, hybrid_attention, hybrid_attention_weights
+from kernels.hybrid_attention import BACKENDS, chunk_refusal, hybrid_attention, hybrid_attention_weights
 
 from .config import HybridConfig
 from .feature_maps import FEATURE_MAPS
 
+log = logging.getLogger(__name__)
+
 
 def resolve_backend(requested: str, device: torch.device, registry: dict[str, Callable] = BACKENDS,
-                    dtype: torch.dtype | None = None) -> str:
+                    dtype: torch.dtype | None = None, refusal: str | None = None) -> str:
     """`auto` picks the Triton kernel on CUDA when `registry` has one, PyTorch otherwise.
 
-    Given the inputs' dtype, `auto` keeps fp32 on PyTorch: the chunk kernels take bf16/fp16 on CUDA.
+    `refusal` is why the kernel cannot take this layer (`chunk_refusal`: head dim, dtype, window),
+    or None: `auto` then falls back to PyTorch and says so once per reason; an explicit `triton`
+    is left to raise in the kernel with the same words. Given the inputs' dtype, `auto` keeps fp32
+    on PyTorch: the chunk kernels take bf16/fp16 on CUDA.
     """
     if requested == "auto":
         usable = device.type == "cuda" and "triton" in registry and dtype != torch.float32
+        if usable and refusal is not None:
+            if refusal not in _REPORTED_FALLBACKS:
+                _REPORTED_FALLBACKS.add(refusal)
+                log.warning("attention.backend auto: PyTorch instead of Triton here, since %s", refusal)
+            return "torch"
         return "triton" if usable else "torch"
     if requested not in registry:
         raise ValueError(f"attention.backend: {requested!r} is not available here; available: {sorted(registry)}")
     return requested
+
+
+_REPORTED_FALLBACKS: set[str] = set()  # one log line per reason and process, not one per layer and step
 
 
 def use_fused_feature_maps(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
@@ -64,6 +78,8 @@ class HybridAttention(nn.Module):
         if config.uses_window and config.uses_linear:  # gamma cancels out of a window-only softmax
             self.window_factors = nn.Parameter(torch.full((num_heads,), config.init_window_factor))
         self.transfer: TransferLosses | None = None  # set by pipeline.transfer while training
+        # the teacher layer's own sliding window (None: global attention): the softmax transfer imitates
+        self.teacher_window: int | None = None
         self.cache = None  # the HybridCache of the current forward, shown by a hook of `linearize`
 
     @property
@@ -83,6 +99,11 @@ class HybridAttention(nn.Module):
         fused = use_fused_feature_maps(backend, q.device, q.dtype)
         return self.feature_map_q.grouped(q, fused), self.feature_map_k.grouped(k, fused)
 
+    def kernel_refusal(self, q: torch.Tensor) -> str | None:
+        """Why the Triton chunk kernels cannot take this layer's inputs q [B,H,T,D], or None."""
+        return chunk_refusal(q.shape[-1], self.state_feature_dim or None, self.config.effective_window_size,
+                             self.config.window, q.device, q.dtype)
+
     def gamma(self) -> torch.Tensor | None:
         return torch.sigmoid(self.window_factors.float()) if hasattr(self, "window_factors") else None
 
@@ -93,7 +114,7 @@ class HybridAttention(nn.Module):
         instead, so later layers see exactly the teacher's hidden states, and the losses of §2 are
         left in `self.transfer`.
         """
-        backend = resolve_backend(self.config.backend, q.device, dtype=q.dtype)
+        backend = resolve_backend(self.config.backend, q.device, dtype=q.dtype, refusal=self.kernel_refusal(q))
         fq, fk = self.features(q, k, backend)
         gamma = self.gamma()
         y = hybrid_attention(q, k, v, fq, fk, gamma, self.config.effective_window_size,
@@ -103,19 +124,29 @@ class HybridAttention(nn.Module):
         with torch.no_grad():
             # in the model's dtype: bf16 on a GPU takes the flash kernel, fp32 GQA would fall back to
             # the math kernel and its T x T matrix
-            teacher = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                     enable_gqa=True).float()  # [B,H,T,D]
+            if self.teacher_window is None:
+                teacher = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            else:
+                teacher = F.scaled_dot_product_attention(q, k, v, attn_mask=self._teacher_visible(q), scale=scale,
+                                                         enable_gqa=True)
+            teacher = teacher.float()  # [B,H,T,D]
         self.transfer.mse = F.mse_loss(y.float(), teacher)  # per-head outputs before o_proj
         if self.transfer.with_xent:
             self.transfer.xent = self._attention_xent(q, k, fq, fk, gamma, scale)
         return teacher.to(q.dtype)
 
+    def _teacher_visible(self, q: torch.Tensor) -> torch.Tensor:
+        """[T,T] bool: key j is visible to query i in the teacher layer (causal, within its own window)."""
+        i = torch.arange(q.shape[2], device=q.device)[:, None]
+        j = torch.arange(q.shape[2], device=q.device)[None, :]
+        visible = j <= i
+        return visible if self.teacher_window is None else visible & (i - j < self.teacher_window)
+
     def _attention_xent(self, q, k, fq, fk, gamma, scale) -> torch.Tensor:
         """Mean over queries of -sum_j a_teacher,ij log a_student,ij (quadratic in T: 1K tokens, not 32K)."""
         with torch.no_grad():
             scores = scale * q.float() @ k.float().repeat_interleave(self.num_heads // k.shape[1], 1).transpose(-1, -2)
-            causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
-            teacher = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # [B,H,T,T]
+            teacher = scores.masked_fill(~self._teacher_visible(q), float("-inf")).softmax(dim=-1)  # [B,H,T,T]
         student = hybrid_attention_weights(q, k, fq, fk, gamma, self.config.effective_window_size,
                                            self.config.window, scale)
         return -(teacher * student.clamp(min=1e-12).log()).sum(-1).mean()

@@ -144,7 +144,7 @@ class HybridCacheLayer(CacheLayerMixin):
     def _prefill_rows(self, hybrid: HybridAttention, rows: torch.Tensor, q, k, v, scale: float) -> torch.Tensor:
         """Outputs for rows `rows` (all tokens real) and their state after the prompt."""
         config = hybrid.config
-        backend = resolve_backend(config.backend, q.device, dtype=q.dtype)
+        backend = resolve_backend(config.backend, q.device, dtype=q.dtype, refusal=hybrid.kernel_refusal(q))
         fq, fk = hybrid.features(q, k, backend)
         y = hybrid_attention(q, k, v, fq, fk, hybrid.gamma(), config.effective_window_size, config.window, scale,
                              backend)

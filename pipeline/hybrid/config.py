@@ -25,6 +25,10 @@ class HybridConfig(ParamsBlock):
     feature_init: Literal["identity", "kaiming"] = "identity"  # upstream passes --lk_zero_init: identity
     init_gamma: float = 0.1  # window weight gamma = sigmoid(w_h) at the start (upstream "w01")
     backend: Literal["auto", "torch", "triton"] = "auto"  # auto: Triton kernel on CUDA, PyTorch otherwise
+    # layers the teacher already runs over its own sliding window (Gemma 2/3 local layers, Mistral
+    # with sliding_window) cost constant memory: global_only keeps them exact softmax over that
+    # window; all linearizes them too, each imitating its teacher's window
+    linearize: Literal["global_only", "all"] = "global_only"
 
     def __post_init__(self) -> None:
         self.require(self.window in WINDOW_KINDS, "window", f"must be one of {sorted(WINDOW_KINDS)}")

@@ -1,6 +1,7 @@
 """Swap every softmax attention of a transformers causal LM for the hybrid, and save/load the result.
 
-../shared/design/lolcats.md §1.1, §2. No modeling code is copied: `linearize` registers
+../shared/design/lolcats.md §1.1, §2. No modeling code is copied and no model type is listed: `linearize`
+finds the attention modules by what they do (`support.py`), registers
 `hybrid_attention_forward` with transformers' `AttentionInterface` (plus a mask builder, without
 which transformers passes no mask), attaches a `HybridAttention` to each attention module as
 `self_attn.hybrid`, freezes everything else, and switches the model's attention implementation.
@@ -8,36 +9,48 @@ A forward pre-hook on each attention module shows its `hybrid` the `HybridCache`
 call (transformers does not pass the cache to attention functions; see cache.py).
 A linearized model is saved as its new weights only (safetensors) plus `hybrid_config.json`.
 """
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from ..io import atomic_write, atomic_write_json, file_digest
 from ..teacher import load_teacher
 from .attention import HybridAttention, hybrid_attention_forward
 from .cache import HybridCache
 from .config import HybridConfig
+from .support import probe_attention_sites, refusal
 
 ATTN_IMPLEMENTATION = "lolcats_hybrid"
 WEIGHTS_FILE = "hybrid_attention.safetensors"
 CONFIG_FILE = "hybrid_config.json"
 
-# Architectures whose attention modules call the attention interface with post-RoPE q and
-# un-repeated k/v, and live at `model.layers[i].self_attn` (tested with random weights).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def causal_padding_mask(*args, local_size: int | None = None, **kwargs):
+    """transformers' mask for our implementation: causal + padding only, sliding windows left out.
+
+    Every attention site carries a hybrid that applies its own window (a teacher's local layer kept
+    exact is a window-only hybrid over that window), and reads padding from the mask's last row; a
+    sliding mask there would look like left padding. sdpa's builder returns None when nothing is
+    padded, a boolean mask otherwise (checked by the forward).
+    """
+    if local_size is not None:
+        kwargs["mask_function"] = causal_mask_function
+    return sdpa_mask(*args, **kwargs)
+
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, hybrid_attention_forward)
-# sdpa's builder returns None when nothing is padded, a boolean mask otherwise (checked by the forward).
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, causal_padding_mask)
 
 
 def attention_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
-    """The attention module of every decoder layer, in layer order."""
-    return [m for name, m in model.named_modules() if name.endswith(".self_attn")]
+    """The attention modules `linearize` gave a hybrid, in layer order."""
+    return [m for m in model.modules() if isinstance(getattr(m, "hybrid", None), HybridAttention)]
 
 
 def _show_cache(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -50,22 +63,45 @@ def _hide_cache(module: torch.nn.Module, args: tuple, kwargs: dict, output) -> N
 
 
 def linearize(model: PreTrainedModel, config: HybridConfig) -> PreTrainedModel:
-    """Swap in place; afterwards only feature maps and window factors require grad."""
-    model_type = model.config.model_type
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"cannot linearize model_type {model_type!r}: supported are {list(SUPPORTED_MODEL_TYPES)}")
-    text_config = model.config.get_text_config()
-    num_heads = text_config.num_attention_heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
+    """Swap in place; afterwards only feature maps and window factors require grad.
+
+    The attention modules are found by a probe forward (`support.py`); a model the hybrid cannot
+    stand in for is refused with a `ValueError` naming the reason, before anything changes.
+    """
+    sites = probe_attention_sites(model)
+    reason = refusal(model, sites)
+    if reason is None and config.linearize == "global_only" and all(s.sliding_window for s in sites):
+        reason = (f"every attention layer of model_type {model.config.model_type!r} already runs over its own sliding "
+                  "window, so attention.linearize: global_only leaves nothing to linearize; set it to all")
+    if reason is not None:
+        raise ValueError(f"cannot linearize: {reason}")
     model.requires_grad_(False)
     device = next(model.parameters()).device
-    for module in attention_modules(model):
+    for site in sites:
+        layer_config = config
+        if site.sliding_window is not None and config.linearize == "global_only":
+            # exact softmax over the teacher's own window: a window-only hybrid, no weights
+            layer_config = dataclasses.replace(config, mode="window_only", window="sliding",
+                                               window_size=site.sliding_window)
         # fp32 masters for the new weights whatever the model dtype ([ours], spec §2)
-        module.hybrid = HybridAttention(config, num_heads, head_dim).to(device=device, dtype=torch.float32)
-        module.register_forward_pre_hook(_show_cache, with_kwargs=True)
-        module.register_forward_hook(_hide_cache, with_kwargs=True, always_call=True)
+        hybrid = HybridAttention(layer_config, site.num_heads, site.head_dim).to(device=device, dtype=torch.float32)
+        hybrid.teacher_window = site.sliding_window
+        site.module.hybrid = hybrid
+        site.module.register_forward_pre_hook(_show_cache, with_kwargs=True)
+        site.module.register_forward_hook(_hide_cache, with_kwargs=True, always_call=True)
+    if config.linearize == "all":  # every layer is global now: the stock KV cache must keep every key
+        _drop_sliding_windows(model.config.get_text_config())
+    model.lolcats_hybrid_config = config
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
+
+
+def _drop_sliding_windows(text_config) -> None:
+    """Make transformers treat every layer as global (its DynamicCache would keep only a window of keys)."""
+    if getattr(text_config, "layer_types", None) is not None:
+        text_config.layer_types = ["full_attention"] * len(text_config.layer_types)
+    if getattr(text_config, "sliding_window", None) is not None:
+        text_config.sliding_window = None
 
 
 def hybrid_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -74,11 +110,10 @@ def hybrid_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def hybrid_config(model: PreTrainedModel) -> HybridConfig:
-    """The config a model was linearized with."""
-    modules = attention_modules(model)
-    if not modules or not hasattr(modules[0], "hybrid"):
+    """The config a model was linearized with (a teacher's local layer kept exact has its own)."""
+    if not hasattr(model, "lolcats_hybrid_config"):
         raise ValueError("this model has not been linearized")
-    return modules[0].hybrid.config
+    return model.lolcats_hybrid_config
 
 
 def save_linearized(model: PreTrainedModel, folder: str | Path, teacher_source: str) -> None:
@@ -97,14 +132,14 @@ def linearized_digest(folder: str | Path) -> str:
     return file_digest(Path(folder) / WEIGHTS_FILE)
 
 
-def load_linearized(folder: str | Path, teacher_source: str | None = None,
-                    dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_linearized(folder: str | Path, teacher_source: str | None = None, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> PreTrainedModel:
     """Teacher (from `teacher_source`, default the one recorded) + swap + the saved hybrid weights."""
     folder = Path(folder)
     meta = json.loads((folder / CONFIG_FILE).read_text())
-    model = load_teacher(teacher_source or meta["teacher_source"], dtype=dtype)
+    model = load_teacher(teacher_source or meta["teacher_source"], dtype, device)
     model = linearize(model, HybridConfig(**meta["attention"]))
-    weights = load_file(str(folder / WEIGHTS_FILE))
+    weights = load_file(str(folder / WEIGHTS_FILE), device=str(device))
     expected = set(hybrid_state_dict(model))
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
