@@ -1,14 +1,14 @@
 """The report: teacher / students / baselines per task, gap closure, perplexities, cost, figures.
 
-../shared/design/lolcats.md §5-§6. Reads only what earlier stages wrote (metrics JSONs, plot CSVs,
-benchmark JSONs) and renders one document model twice: Markdown for the repo, and a self-contained
-HTML page (figures inlined as base64 PNG) for a browser or an MLflow artifact view.
+../shared/design/lolcats.md §5-§6. Reads only what earlier stages wrote (metrics JSONs, plot CSVs) and
+renders one document model twice: Markdown for the repo, and a self-contained HTML page (figures
+inlined as base64 PNG) for a browser or an MLflow artifact view.
 """
 import base64
 import html
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -36,13 +36,12 @@ class PipelineResults:
     transfer: dict[str, dict]
     lora: dict[str, dict]
     lm_eval: dict[str, dict]
-    benchmarks: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, metrics: Path, benchmarks: Path) -> "PipelineResults":
+    def read(cls, metrics: Path) -> "PipelineResults":
         return cls(_read_json(metrics / "prepare_data.json"), _read_json(metrics / "cache_teacher_attn.json"),
                    _per_name(metrics / "attention_transfer"), _per_name(metrics / "lora_recover"),
-                   _per_name(metrics / "lm_eval"), _per_name(benchmarks))
+                   _per_name(metrics / "lm_eval"))
 
     def ordered_models(self) -> list[str]:
         students = [m for m in self.lm_eval if m not in REFERENCE_MODELS]
@@ -139,10 +138,6 @@ def document(results: PipelineResults, figure_paths: dict[str, Path], limits: di
              + [["lm-eval", m, "—", "—", "—", *speed(results.lm_eval[m])] for m in models])]
     doc.append(("h", 2, "Figures"))
     doc += [("img", path, caption) for caption, path in figure_paths.items()]
-    for name, bench in results.benchmarks.items():
-        doc += [("h", 2, f"Benchmark: {name}"), ("p", f"command: `{bench.get('command', '?')}`"),
-                ("table", ["key", "value"], [[k, json.dumps(v) if isinstance(v, (dict, list)) else v]
-                                             for k, v in bench.items() if k != "command"])]
     return doc
 
 
@@ -206,12 +201,12 @@ def draw_figures(results: PipelineResults, plots: Path, out: Path) -> dict[str, 
     }
 
 
-def write_report(metrics: Path, plots: Path, benchmarks: Path, out: Path,
+def write_report(metrics: Path, plots: Path, out: Path,
                  limits: dict[str, int | None]) -> tuple[dict[str, float], list[Path]]:
     """reports/report.md, reports/report.html and reports/figures/*.png; returns (headline metrics, files)."""
     from .io import atomic_write
 
-    results = PipelineResults.read(metrics, benchmarks)
+    results = PipelineResults.read(metrics)
     figure_paths = draw_figures(results, plots, out / "figures")
     doc = document(results, figure_paths, limits)
     markdown, page = out / "report.md", out / "report.html"
