@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 
 from .hybrid.config import HybridConfig
-from .params import ConfigError, ParamsBlock
+from .params import ConfigError, ParamsBlock, build_block, build_entry
 
 
 @dataclass
@@ -259,6 +259,28 @@ class LmEvalConfig(ParamsBlock):
         self.require(self.ppl_seq_len >= 2, "ppl_seq_len", "must be at least 2 tokens")
         self.require(self.ppl_max_tokens is None or self.ppl_max_tokens >= self.ppl_seq_len, "ppl_max_tokens",
                      f"must be null or at least ppl_seq_len ({self.ppl_seq_len}) tokens")
+
+
+# Every block of params.yaml, in file order; `variants` holds named VariantConfig entries.
+PARAMS_BLOCKS: tuple[type[ParamsBlock], ...] = (
+    TeacherConfig, ComputeConfig, HybridConfig, TrackingConfig, PrepareDataConfig, CacheTeacherAttnConfig,
+    AttentionTransferConfig, LoraRecoverConfig, LmEvalConfig)
+
+
+def check_params(params: dict) -> list[str]:
+    """Check every block of params.yaml at once (the `check-params` stage); returns the block names.
+
+    A top-level key that names no block (a typo such as `atention`) is an error, not ignored.
+    """
+    known = {cls.BLOCK for cls in PARAMS_BLOCKS} | {VariantConfig.BLOCK}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown params block; valid blocks are {sorted(known)}")
+    for cls in PARAMS_BLOCKS:
+        build_block(cls, params)
+    for name in params.get(VariantConfig.BLOCK) or {}:
+        build_entry(VariantConfig, params, name)
+    return sorted(params)
 
 
 __all__ = ["AttentionTransferConfig", "CacheTeacherAttnConfig", "ComputeConfig", "HybridConfig", "LmEvalConfig", "LoraRecoverConfig",

@@ -145,3 +145,17 @@ def test_params_read_as_dvc_reads_them_so_1e_3_is_a_number(tmp_path):
     (tmp_path / "params.yaml").write_text("attention-transfer:\n  lr: [1e-3\n")
     with pytest.raises(ConfigError, match=r"params.yaml: not valid YAML: "):
         read_params(tmp_path / "params.yaml")
+
+
+def test_check_params_takes_params_yaml_and_names_the_first_bad_key():
+    params = read_params(REPO / "params.yaml")
+    assert config.check_params(params) == sorted(params)
+    typo = {("atention" if k == "attention" else k): v for k, v in params.items()}
+    with pytest.raises(ConfigError, match=r"^atention: unknown params block; valid blocks are \["):
+        config.check_params(typo)
+    late = dict(params, **{"lm-eval": dict(params["lm-eval"], batch_size=0)})
+    with pytest.raises(ConfigError, match=r"^lm-eval.batch_size: must be at least 1"):
+        config.check_params(late)
+    variant = dict(params, variants=dict(params["variants"], odd={"mode": "softmax"}))
+    with pytest.raises(ConfigError, match=r"^variants.odd.mode: expected one of"):
+        config.check_params(variant)

@@ -16,6 +16,7 @@ from tests.conftest import REPO
 # Besides its own block (read whole), the keys each stage reads from shared blocks. `tracking` is
 # read by every stage but only says where runs are recorded, so dvc.yaml lists it nowhere.
 SHARED_READS = {
+    "check-params": {},  # every block, through its dependency on the whole of params.yaml
     "prepare-data": {"teacher": ["source"]},
     "cache-teacher-attn": {"teacher": ["source"], "compute": "all"},
     "attention-transfer": {"teacher": ["source"], "compute": "all", "attention": "all"},
@@ -32,6 +33,8 @@ READS_ENTRY = {"attention-transfer", "lora-recover"}
 # `foreach` stages run once per entry of this block and read their own entry (`variants.${key}`)
 ENTRY_BLOCK = "variants"
 RECORD_ONLY = {"tracking"}
+# the gate upstream of every other stage: checks every block, records no MLflow run, writes this
+PARAMS_GATE, PARAMS_CHECKED = "check-params", "data/params_checked.json"
 # pipeline modules that check params, record runs or write files atomically; they never decide
 # what a stage computes, so they are not deps (an edit there reruns nothing)
 BOOKKEEPING = {"pipeline/__init__.py", "pipeline/config.py", "pipeline/params.py", "pipeline/stage.py",
@@ -102,13 +105,19 @@ def test_every_stage_is_known_here():
     assert set(STAGES) == set(SHARED_READS), "add the stage's shared reads to SHARED_READS"
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_check_params_tracks_all_of_params_yaml_and_gates_every_other_stage():
+    assert STAGES[PARAMS_GATE]["params"] == [{"params.yaml": None}]
+    assert [next(iter(out)) for out in STAGES[PARAMS_GATE]["outs"]] == [PARAMS_CHECKED]
+    assert all(PARAMS_CHECKED in spec["deps"] for name, spec in STAGES.items() if name != PARAMS_GATE)
+
+
+@pytest.mark.parametrize("stage", sorted(set(STAGES) - {PARAMS_GATE}))
 def test_params_are_exactly_what_the_stage_reads(stage):
     assert listed_params(STAGES[stage].get("params", [])) == expected_params(stage)
     assert not {k.split(".")[0] for k in listed_params(STAGES[stage].get("params", []))} & RECORD_ONLY
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
+@pytest.mark.parametrize("stage", sorted(set(STAGES) - {PARAMS_GATE}))
 def test_one_name_everywhere(stage):
     """Stage, script, `python -m` module, params block and MLflow run name all match."""
     name = SCRIPT_OF.get(stage, stage)

@@ -18,7 +18,7 @@ from pipeline.config import LmEvalConfig, LoraRecoverConfig, TaskLimits
 from pipeline.evaluation.benchmarks import BENCHMARKS, DATA_ROOT, TASKS_DIR, task_names
 from pipeline.evaluation import harness
 from pipeline.evaluation.harness import evaluate_benchmarks
-from pipeline.evaluation.lm_model import LolcatsLM, load_saved
+from pipeline.evaluation.lm_model import CHECKOUT, LolcatsLM, check_checkout, load_saved
 from pipeline.evaluation.perplexity import alpaca_perplexity, wikitext2_perplexity
 from pipeline.hybrid import HybridConfig, hybrid_state_dict, linearize, save_linearized
 from pipeline.lora import add_lora, save_student
@@ -240,3 +240,18 @@ def test_a_mistyped_lm_eval_param_names_its_dotted_key(raw, message):
     with pytest.raises(ConfigError) as caught:
         build_block(LmEvalConfig, {"lm-eval": raw})
     assert str(caught.value).startswith(message)
+
+
+def test_starting_python_imports_no_pipeline_and_another_checkout_is_refused(tmp_path):
+    """A venv copied into another checkout must not silently run this checkout's code (issue: the .pth
+    used to import `pipeline` at every interpreter start)."""
+    done = subprocess.run([sys.executable, "-c", "import sys; print('pipeline' in sys.modules)"], cwd=tmp_path,
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+    assert CHECKOUT == REPO
+    check_checkout(REPO)
+    check_checkout(tmp_path)  # not a checkout: the installed code is the one meant
+    (tmp_path / "pipeline" / "evaluation").mkdir(parents=True)
+    (tmp_path / "pipeline" / "evaluation" / "lm_model.py").write_text("")
+    with pytest.raises(ImportError, match=r"is another checkout; run `make setup` here"):
+        check_checkout(tmp_path)

@@ -96,3 +96,24 @@ def test_repro_then_an_ablation_give_two_comparable_mlflow_rows(tiny_repo):
     ablation_stages = {s.info.run_name for s in rows["window8"][1]}
     assert not ablation_stages & {"prepare-data", "cache-teacher-attn", "lm-eval@teacher"}
     assert "attention-transfer@lolcats" in ablation_stages
+
+
+def test_a_bad_late_param_stops_before_any_stage_and_deletes_nothing(tiny_repo):
+    """DVC removes a stage's outputs before its command runs: check-params, upstream of every stage,
+    must fail first, so a mistake in lm-eval costs neither training outputs nor earlier scores."""
+    repo, env = tiny_repo
+    kept = [repo / "models" / "lolcats" / "transfer" / "hybrid_attention.safetensors",
+            repo / "metrics" / "attention_transfer" / "lolcats.json", repo / "metrics" / "lm_eval" / "teacher.json"]
+    before = {path: path.read_bytes() for path in kept}
+    params = (repo / "params.yaml").read_text()
+    assert params.count("batch_size: 4") == 1  # lm-eval's
+    (repo / "params.yaml").write_text(params.replace("batch_size: 4", "batch_size: 0"))
+    try:
+        done = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=300)
+    finally:
+        (repo / "params.yaml").write_text(params)
+    assert done.returncode != 0
+    assert "error: lm-eval.batch_size: must be at least 1" in done.stdout + done.stderr
+    assert "Running stage 'check-params'" in done.stdout and "Running stage 'lm-eval" not in done.stdout
+    assert {path: path.read_bytes() for path in kept} == before

@@ -1,8 +1,10 @@
 """Lets the stock `lm_eval` command find `--model lolcats` (../shared/design/lolcats.md §5).
 
 lm-eval 0.4 discovers no plugins, so `make setup` writes `lolcats_lm_eval.pth` into the venv's
-site-packages with the line `import pipeline.evaluation.lm_eval_plugin`, and Python runs it at
-every interpreter start. That must stay cheap, so only lm_eval's registry is imported (measured:
+site-packages with a line that runs this file by its path, at every interpreter start. By path, not
+as `pipeline.evaluation...`: importing the package there would bind `pipeline` to the checkout the
+venv was built in, and a venv copied into another checkout would then run the other code even for
+`python -m stages...`. That must stay cheap, so only lm_eval's registry is imported (measured:
 `python -c pass` in the venv 28 ms without the file, 73 ms with it): the name is
 registered as a lazy placeholder, and `lm_model` (torch, transformers, peft) is imported only
 when lm-eval asks for the model. `lm_eval.models` is imported first because `get_model` fills

@@ -24,7 +24,22 @@ from ..hybrid.convert import CONFIG_FILE
 from ..lora import ADAPTER_CONFIG, load_student
 from ..teacher import load_teacher, load_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # as teacher.dtype
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # as compute.dtype
+CHECKOUT = Path(__file__).resolve().parents[2]  # the checkout this code is from
+
+
+def check_checkout(cwd: Path) -> None:
+    """Refuse to run this checkout's code from inside another checkout of the project.
+
+    `lm_eval` (a console script, no cwd on sys.path) finds `pipeline` through the venv's editable
+    install, i.e. in the checkout the venv was built in; a venv copied into another checkout would
+    silently evaluate with the other checkout's code."""
+    if (cwd / "pipeline" / "evaluation" / "lm_model.py").is_file() and cwd.resolve() != CHECKOUT:
+        raise ImportError(f"lm_eval --model lolcats: this environment runs the code of {CHECKOUT}, but the current "
+                          f"folder {cwd} is another checkout; run `make setup` here (or use that checkout's venv)")
+
+
+check_checkout(Path.cwd())
 
 
 def load_saved(pretrained: str | Path, teacher: str | None = None, dtype: torch.dtype = torch.float32,
