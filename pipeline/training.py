@@ -1,8 +1,8 @@
 """The optimisation loop both training stages share (../shared/design/lolcats.md §2, §3).
 
-AdamW; one update per `grad_accum` chunks, `batch_size` of them per forward; a validation pass every `eval_every` updates (and before
-the first one) steps ReduceLROnPlateau and keeps the best weights, which are restored at the end
-("early stopping" is best-checkpoint selection, as upstream). Robustness is part of the loop:
+AdamW; one update per `grad_accum` chunks, `batch_size` of them per forward; a validation pass every
+`eval_every` updates (and before the first one) steps ReduceLROnPlateau and keeps the best weights,
+which are restored at the end ("early stopping" is best-checkpoint selection, as upstream). Robustness is part of the loop:
   * a checkpoint (trainable tensors, optimizer, schedule, position, best weights, history) is written
     atomically after every validation pass; a restarted run continues from it and, since the data
     order is a function of (seed, epoch) alone, reaches the same weights as an uninterrupted run;

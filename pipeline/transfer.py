@@ -5,8 +5,9 @@ states entering it (`teacher_states.py`), inside it each hybrid layer returns th
 output so the next layer sees teacher states, and the loss is mse_factor x the mean over the
 block's layers of the per-head output MSE (+ xent_factor x attention cross-entropy). Only feature
 maps and window factors train. With online teacher states the one block spans every layer and
-starts at the token embeddings (`teacher_states.TeacherStates`). `train_block` is a function of (block, cache, params) so blocks can
-later run on several devices at once; here they run one after another.
+starts at the token embeddings (`teacher_states.TeacherStates`). `train_block` is a function of
+(block, cache, params) so blocks can later run on several devices at once; here they run one after
+another.
 """
 import contextlib
 import logging
@@ -98,7 +99,7 @@ def train_block(block: int, states: TeacherStates, model: PreTrainedModel, cfg: 
                     sums[key] = sums.get(key, 0.0) + value.item() * len(indices) / n
             return sums
 
-        result = fit(named_params, lambda index: losses("train", index), range(states.num_chunks("train")),
+        result = fit(named_params, lambda indices: losses("train", indices), range(states.num_chunks("train")),
                      evaluate, cfg, checkpoint, f"block {block} (layers {layers.start}-{layers.stop - 1})",
                      log_metrics)
     return BlockResult(block, list(layers), result,
