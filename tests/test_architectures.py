@@ -3,7 +3,8 @@
 A table of small random-weight models of each type: every accepted one must place the hybrid
 right (window covering the sequence, linear branch off: the teacher's logits), generate with
 `HybridCache` exactly as it recomputes, and round-trip through save/load; every refused one must say
-why in one line.
+why in one line. Models mixing attention with conv/SSM layers are among them: their other layers
+keep transformers' own state in `HybridCache`.
 """
 import pytest
 import torch
@@ -12,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from pipeline.hybrid import (HybridCache, HybridConfig, attention_modules, hybrid_state_dict, linearize,
                              load_linearized, save_linearized)
 from pipeline.hybrid.attention import TransferLosses
+from pipeline.hybrid.support import probe_attention_sites, refusal
 from tests.assertions import assert_close
 
 BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -26,6 +28,15 @@ ACCEPTED = {
     # a local layer over its own 12-token window, kept exact (attention.linearize: global_only), and a
     # global one; the prompts (10, 40 tokens) lie inside and far past that window
     "gemma3_text": dict(head_dim=16, sliding_window=12, layer_types=["sliding_attention", "full_attention"]),
+    # attention beside conv/SSM layers: a short conv (LFM2), a gated DeltaNet (conv + recurrent state,
+    # Qwen3-Next), and Mamba-2 running in the same layer as the attention (Falcon-H1 "hybrid" layers)
+    "lfm2": dict(layer_types=["conv", "full_attention"]),
+    "qwen3_next": dict(head_dim=16, layer_types=["linear_attention", "full_attention"], num_experts=2,
+                       num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                       linear_value_head_dim=16),
+    "falcon_h1": dict(head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+                      mamba_n_groups=1, mamba_chunk_size=16),
 }
 REFUSED = {
     "gemma2": (dict(head_dim=16, attn_logit_softcapping=5.0), "soft-caps its attention scores (softcap 5.0)"),
@@ -38,7 +49,11 @@ REFUSED = {
                          moe_intermediate_size=32, first_k_dense_replace=2),
                     "has q/k head dim 16 but value head dim 8 (MLA-style)"),
     "gptj": (dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8), "has no module that calls transformers' attention"),
-    "lfm2": (dict(layer_types=["conv", "full_attention"]), "mixes attention with other layers (1 of its 2"),
+    # one attention block shared by several Mamba layers, told its layer at call time (layer_idx -1)
+    "zamba2": (dict(num_hidden_layers=3, layers_block_type=["linear_attention", "hybrid", "hybrid"],
+                    attention_head_dim=16, mamba_d_state=8, mamba_headdim=16, n_mamba_heads=8, chunk_size=16),
+               "model.layers.1.shared_transformer.self_attn of model_type 'zamba2' has layer_idx -1, which names no "
+               "decoder layer of its own"),
 }
 WINDOW = 16  # prompts of 10 and 40 tokens: inside one window and past two
 
@@ -86,6 +101,40 @@ def test_refused_architectures_say_why_before_any_change(model_type):
     assert reason in str(caught.value)
     assert model.config._attn_implementation == implementation  # the probe left the model as it was
     assert not any(hasattr(m, "hybrid") for m in model.modules())
+
+
+def test_a_layer_keeping_key_values_without_an_attention_site_is_refused():
+    """An attention computed past the interface would stay softmax, its KV cache beside HybridCache: what
+    `refusal` says when the probe misses a layer (here by hiding layer 0's site from it)."""
+    model = random_model("llama", {})
+    sites = probe_attention_sites(model)
+    assert refusal(model, sites) is None
+    assert refusal(model, sites[1:]) == ("model_type 'llama' mixes attention with other layers (1 of its 2 decoder "
+                                        "layers call the attention interface), and layer 0 (DynamicLayer) keeps "
+                                        "a cache HybridCache cannot hold")
+
+
+def test_a_mixed_model_linearized_all_keeps_its_conv_layers():
+    """attention.linearize: all turns only attention layer types global; LFM2's conv layer stays a conv,
+    its conv state kept and counted in HybridCache."""
+    model = linearize(random_model("lfm2", ACCEPTED["lfm2"]), HybridConfig(window_size=WINDOW, linearize="all"))
+    assert model.config.layer_types == ["conv", "full_attention"]
+    ids = torch.randint(3, 128, (1, 40))
+    kwargs = dict(max_new_tokens=6, do_sample=False)
+    cache = HybridCache()
+    assert torch.equal(model.generate(ids, past_key_values=cache, **kwargs),
+                       model.generate(ids, use_cache=False, **kwargs))
+    conv, attention = cache.layers
+    assert cache.nbytes() == conv.conv_states[0].nbytes + attention.nbytes() > attention.nbytes() > 0
+
+
+def test_beam_search_reorders_both_states_of_a_layer_holding_attention_and_ssm():
+    """Falcon-H1 runs attention and Mamba-2 in one layer: beams reorder the hybrid's and the SSM's states alike."""
+    model = linearize(random_model("falcon_h1", ACCEPTED["falcon_h1"]), HybridConfig(window_size=WINDOW))
+    ids = torch.randint(3, 128, (1, 20))
+    kwargs = dict(max_new_tokens=5, num_beams=3, do_sample=False)
+    assert torch.equal(model.generate(ids, past_key_values=HybridCache(), **kwargs),
+                       model.generate(ids, use_cache=False, **kwargs))
 
 
 def test_a_local_layer_linearized_imitates_its_teachers_window():

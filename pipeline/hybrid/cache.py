@@ -26,9 +26,19 @@ enters a state). Other masks (right padding, holes) and padded decode tokens are
 Beam search and `num_return_sequences` reorder or repeat rows of the state. `crop` (assisted
 decoding) is refused: the linear state cannot forget tokens. Inference only: the state is stored
 without autograd history and decode steps run without gradients.
+
+Models that mix attention with conv/SSM layers (LFM2, Qwen3-Next, Falcon-H1): the first forward
+given the cache lays it out with `fit` (a hook of `linearize` on the model calls it), one layer
+per decoder layer as transformers' own `DynamicCache(config=...)` would, except that every
+linearized attention gets the hybrid's state. Conv/SSM layers keep their stock conv/recurrent
+states (transformers' `LinearAttentionLayer`), which their modules read through the `Cache`
+methods (`get_conv_state`, `update_recurrent_state`, ...); a layer running both beside each other
+(Falcon-H1) holds both.
 """
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers import PreTrainedConfig
+from transformers.cache_utils import (Cache, CacheLayerMixin, DynamicCache, LinearAttentionCacheLayerMixin,
+                                      LinearAttentionLayer)
 
 from kernels.hybrid_attention import (DECODE_BACKENDS, RingState, fill_ring_state, hybrid_attention,
                                       hybrid_attention_decode, ring_size)
@@ -153,6 +163,46 @@ class HybridCacheLayer(CacheLayerMixin):
         return y
 
 
+class HybridAndLinearCacheLayer(LinearAttentionLayer, HybridCacheLayer):
+    """A decoder layer whose linearized attention runs beside a conv/SSM mixer (Falcon-H1's "hybrid"
+    layers): the hybrid's state and the mixer's stock conv/recurrent states, as transformers'
+    `LinearAttentionAndFullAttentionLayer` pairs them with a KV cache."""
+    is_croppable = False  # the linear state cannot forget tokens, whatever the conv states could
+
+    def __init__(self, number_of_states: int = 1, **kwargs):
+        HybridCacheLayer.__init__(self)
+        LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        # `update` passes k, v positionally; the conv/SSM updates pass their states by keyword
+        if args:
+            HybridCacheLayer.lazy_initialization(self, *args)
+        else:
+            LinearAttentionLayer.lazy_initialization(self, **kwargs)
+
+    def reset(self) -> None:
+        LinearAttentionLayer.reset(self)
+        HybridCacheLayer.reset(self)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        LinearAttentionLayer.reorder_cache(self, beam_idx)
+        HybridCacheLayer.reorder_cache(self, beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        HybridCacheLayer.crop(self, tokens_to_remove)
+
+    def nbytes(self) -> int:
+        return HybridCacheLayer.nbytes(self) + _conv_ssm_nbytes(self)
+
+
+def _conv_ssm_nbytes(layer) -> int:
+    """Bytes of the conv/recurrent states transformers keeps in a layer (0 for a layer without any)."""
+    if not isinstance(layer, LinearAttentionCacheLayerMixin):
+        return 0
+    states = (*layer.conv_states.values(), *layer.recurrent_states.values())
+    return sum(state.nbytes for state in states if state is not None)
+
+
 def _left_padding(real: torch.Tensor | None, length: int) -> torch.Tensor:
     """[B,T] bool tokens-not-padding -> [B] padding columns in front of each row; refuses other masks."""
     if real is None:
@@ -168,7 +218,7 @@ def _left_padding(real: torch.Tensor | None, length: int) -> torch.Tensor:
 
 
 class HybridCache(Cache):
-    """Constant-memory cache for linearized models; layers are created as the model reaches them.
+    """Constant-memory cache for linearized models; its layers are laid out at the first forward (`fit`).
 
     Pass it to `generate` or `forward` as `past_key_values`; a cache handed back
     (`return_dict_in_generate=True`, or the same object) continues where it stopped.
@@ -177,6 +227,29 @@ class HybridCache(Cache):
     def __init__(self):
         super().__init__(layer_class_to_replicate=HybridCacheLayer)
 
+    def fit(self, model_config: PreTrainedConfig, linearized: set[int]) -> None:
+        """Lay out every decoder layer's state before the first forward: conv/SSM layers read theirs
+        before any attention layer is reached, so they cannot be created on demand as attention ones are.
+
+        `linearized`: the indices of the layers whose attention `linearize` swapped; every other layer
+        keeps the layer `DynamicCache(config=model_config)` gives it (transformers' public layout,
+        the same across its 5.x releases, where its helpers for it are not).
+        """
+        stock = DynamicCache(config=model_config).layers
+        self.layers = [_layer_cache(layer, index in linearized) for index, layer in enumerate(stock)]
+        self.layer_class_to_replicate = None
+
     def nbytes(self) -> int:
-        """Bytes held by every layer's state: independent of the context length."""
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes held by every layer's state, conv/SSM states included: independent of the context length."""
+        return sum(layer.nbytes() if isinstance(layer, HybridCacheLayer) else _conv_ssm_nbytes(layer)
+                   for layer in self.layers)
+
+
+def _layer_cache(stock: CacheLayerMixin, linearized: bool) -> CacheLayerMixin:
+    """One layer's state: the stock one, the hybrid's in place of a KV cache, or the hybrid's beside the
+    stock conv/SSM states (a layer whose attention runs beside a mixer)."""
+    if not linearized:
+        return stock
+    if isinstance(stock, LinearAttentionCacheLayerMixin):
+        return HybridAndLinearCacheLayer(number_of_states=stock.number_of_states)
+    return HybridCacheLayer()

@@ -6,7 +6,9 @@ finds the attention modules by what they do (`support.py`), registers
 which transformers passes no mask), attaches a `HybridAttention` to each attention module as
 `self_attn.hybrid`, freezes everything else, and switches the model's attention implementation.
 A forward pre-hook on each attention module shows its `hybrid` the `HybridCache` of the current
-call (transformers does not pass the cache to attention functions; see cache.py).
+call (transformers does not pass the cache to attention functions; see cache.py), and one on the
+model lays out a fresh `HybridCache` for its layers (`HybridCache.fit`: conv/SSM layers keep
+transformers' own state classes).
 A linearized model is saved as its new weights only (safetensors) plus `hybrid_config.json`.
 """
 import dataclasses
@@ -58,6 +60,12 @@ def _show_cache(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     module.hybrid.cache = cache if isinstance(cache, HybridCache) else None
 
 
+def _fit_cache(model: PreTrainedModel, args: tuple, kwargs: dict) -> None:
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, HybridCache) and not cache.layers:
+        cache.fit(model.config, {module.layer_idx for module in attention_modules(model)})
+
+
 def _hide_cache(module: torch.nn.Module, args: tuple, kwargs: dict, output) -> None:
     module.hybrid.cache = None  # no reference to the cache outlives the call
 
@@ -89,6 +97,7 @@ def linearize(model: PreTrainedModel, config: HybridConfig) -> PreTrainedModel:
         site.module.hybrid = hybrid
         site.module.register_forward_pre_hook(_show_cache, with_kwargs=True)
         site.module.register_forward_hook(_hide_cache, with_kwargs=True, always_call=True)
+    model.register_forward_pre_hook(_fit_cache, with_kwargs=True)
     if config.linearize == "all":  # every layer is global now: the stock KV cache must keep every key
         _drop_sliding_windows(model.config.get_text_config())
     model.lolcats_hybrid_config = config
@@ -96,10 +105,16 @@ def linearize(model: PreTrainedModel, config: HybridConfig) -> PreTrainedModel:
     return model
 
 
+# a local layer type -> its global one ("hybrid_sliding": attention beside a conv/SSM mixer, over a window)
+_GLOBAL_KIND = {"sliding_attention": "full_attention", "chunked_attention": "full_attention",
+                "hybrid_sliding": "hybrid"}
+
+
 def _drop_sliding_windows(text_config) -> None:
-    """Make transformers treat every layer as global (its DynamicCache would keep only a window of keys)."""
+    """Make transformers treat every attention layer as global (its DynamicCache would keep only a window of
+    keys); conv/SSM layer types stay, since their modules and caches are chosen by them."""
     if getattr(text_config, "layer_types", None) is not None:
-        text_config.layer_types = ["full_attention"] * len(text_config.layer_types)
+        text_config.layer_types = [_GLOBAL_KIND.get(kind, kind) for kind in text_config.layer_types]
     if getattr(text_config, "sliding_window", None) is not None:
         text_config.sliding_window = None
 

@@ -6,11 +6,14 @@ and every module that hands it q, k, v is an attention site, whatever its name (
 `attn`, `attention`). What each site passes tells whether the hybrid can stand in for it: post-RoPE
 q [B,H,T,D], un-repeated k, v [B,Hkv,T,D], and no extra term in its softmax. Everything else is
 refused before any work, with one line naming the reason; nothing is ever left unswapped silently.
+Decoder layers without an attention site are taken when transformers gives them no key/value
+cache (conv/SSM mixers, MLP-only layers): `HybridCache` keeps their stock state (cache.py).
 """
 from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
+from transformers.cache_utils import CacheLayerMixin, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -82,17 +85,38 @@ def probe_attention_sites(model: PreTrainedModel) -> list[AttentionSite]:
 def refusal(model: PreTrainedModel, sites: list[AttentionSite]) -> str | None:
     """Why the hybrid cannot replace these sites, or None when it can replace all of them."""
     model_type = model.config.model_type
-    layers = model.config.get_text_config().num_hidden_layers
     if not sites:
         return (f"model_type {model_type!r} has no module that calls transformers' attention interface (it computes "
                 "attention in its own code), so there is nothing the hybrid can stand in for")
-    if len(sites) != layers:
-        return (f"model_type {model_type!r} mixes attention with other layers ({len(sites)} of its {layers} "
-                "decoder layers call the attention interface); their conv/SSM state has no place in HybridCache yet")
+    reason = _layer_refusal(model_type, model.config.get_text_config(decoder=True), sites)
+    if reason is not None:
+        return reason
     for site in sites:
         reason = _site_refusal(site)
         if reason is not None:
             return f"{site.name} of model_type {model_type!r} {reason}"
+    return None
+
+
+def _layer_refusal(model_type: str, text_config, sites: list[AttentionSite]) -> str | None:
+    """Why HybridCache cannot lay out these layers, or None.
+
+    Each site's state is found by its module's `layer_idx`, so that must name its own decoder layer.
+    transformers' own cache layout (`DynamicCache(config=...)`) tells what a layer without a site
+    keeps: a conv/SSM state or nothing is kept as it is; a key/value cache means attention computed
+    past the interface, which would stay softmax unseen.
+    """
+    layers = DynamicCache(config=text_config).layers  # the layout transformers gives this model
+    indices = [getattr(site.module, "layer_idx", None) for site in sites]
+    for site, index in zip(sites, indices):
+        if index not in range(len(layers)) or indices.count(index) > 1:
+            return (f"{site.name} of model_type {model_type!r} has layer_idx {index!r}, which names no decoder layer "
+                    "of its own (a block shared between layers?), so HybridCache cannot tell which state is its")
+    for index, layer in enumerate(layers):
+        if index not in indices and isinstance(layer, CacheLayerMixin):  # keys and values: unseen softmax
+            return (f"model_type {model_type!r} mixes attention with other layers ({len(sites)} of its "
+                    f"{len(layers)} decoder layers call the attention interface), and layer {index} "
+                    f"({type(layer).__name__}) keeps a cache HybridCache cannot hold")
     return None
 
 
