@@ -37,11 +37,25 @@ def _mean(items: list[Score]) -> Score:
                  math.sqrt(sum(s.stderr**2 for s in items)) / len(items))
 
 
+def determined(gap: Score) -> bool:
+    """Whether teacher and baseline differ by more than their combined stderr."""
+    return abs(gap.value) > gap.stderr
+
+
 def gap_closure(student: Score, baseline: Score, teacher: Score) -> float | None:
     gap = teacher - baseline
-    if abs(gap.value) <= gap.stderr:
+    if not determined(gap):
         return None
     return (student.value - baseline.value) / gap.value
+
+
+def gaps(results: dict[str, dict[str, float]], teacher: str = "teacher",
+         baseline: str = "no_transfer") -> dict[str, Score]:
+    """Per benchmark teacher − baseline, the denominator of gap closure; {} without both models."""
+    if teacher not in results or baseline not in results:
+        return {}
+    ours, theirs = scores(results[teacher]), scores(results[baseline])
+    return {task: ours[task] - theirs[task] for task in ours}
 
 
 def recovery(student: Score, teacher: Score) -> float | None:

@@ -43,10 +43,16 @@ PROMPT_NO_INPUT = (
 Row = Mapping[str, str]
 
 
-def read_alpaca_rows(source: str) -> Iterator[Row]:
-    """Rows of a local .jsonl file, or of a hub dataset's train split; a missing file fails now."""
-    if not source.endswith(".jsonl"):
-        return iter(load_dataset(source, split="train"))
+def is_local(source: str) -> bool:
+    """A `prepare-data.source` that is a local file, not a hub dataset id."""
+    return source.endswith(".jsonl")
+
+
+def read_alpaca_rows(source: str, revision: str | None = None) -> Iterator[Row]:
+    """Rows of a local .jsonl file, or of a hub dataset's train split (at `revision`, if given); a
+    missing file fails now."""
+    if not is_local(source):
+        return iter(load_dataset(source, split="train", revision=revision))
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"prepare-data.source: no such file {source!r} (relative to {os.getcwd()})")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import figures
-from .comparison import TASK_METRICS, ZERO_SHOT, compare
+from .comparison import TASK_METRICS, ZERO_SHOT, Score, compare, determined, gaps
 
 REFERENCE_MODELS = ("teacher", "window_only")  # evaluated without training; the rest are variants
 ROWS = list(TASK_METRICS) + ["avg_zero_shot", "avg_all"]
@@ -49,9 +49,16 @@ class PipelineResults:
 
 
 def headline(results: PipelineResults) -> dict[str, float]:
-    """Flat metrics for DVC and the MLflow parent run: scores, gap closure, perplexities, cost."""
-    table = compare({m: results.lm_eval[m] for m in results.ordered_models()})
+    """Flat metrics for DVC and the MLflow parent run: scores, gap closure, perplexities, cost.
+
+    The gap itself (teacher − no_transfer) and its stderr are always there, so a missing
+    `*_gap_closure` reads as "undetermined" (|gap| within its stderr), never as "not computed".
+    """
+    scored = {m: results.lm_eval[m] for m in results.ordered_models()}
+    table = compare(scored)
     out: dict[str, float] = {}
+    for task, gap in gaps(scored).items():
+        out |= {f"gap_{task}": gap.value, f"gap_{task}_stderr": gap.stderr}
     for model, rows in table.items():
         for task in ROWS:
             out[f"{model}_{task}"] = rows[task]["value"]
@@ -77,6 +84,12 @@ def headline(results: PipelineResults) -> dict[str, float]:
 # --- a tiny document model, rendered to Markdown and to HTML ---------------------------------------
 
 Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption)
+
+
+def undetermined_gaps(metrics: dict[str, float]) -> list[str]:
+    """The benchmarks whose gap closure the headline `metrics` leave undetermined (gap within its stderr)."""
+    return [task for task in ROWS if f"gap_{task}" in metrics
+            and not determined(Score(metrics[f"gap_{task}"], metrics[f"gap_{task}_stderr"]))]
 
 
 def _fmt(value, digits: int = 3) -> str:

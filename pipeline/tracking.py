@@ -121,8 +121,15 @@ class StageRun:
         """A fact about the stage run that is not a number (e.g. which blocks diverged)."""
         self.client.set_tag(self.run_id, key, value)
 
-    def log_artifact(self, path: str | Path) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+    def set_pipeline_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.parent_id, key, value)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_pipeline_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """On the parent run, which is what a user opens in `mlflow ui`."""
+        self.client.log_artifact(self.parent_id, str(path), artifact_path)
 
 
 @contextlib.contextmanager
@@ -145,6 +152,7 @@ def stage_run(stage: str, params: ParamsBlock | Sequence[ParamsBlock] | Mapping[
     run_id = client.create_run(experiment_id, run_name=stage, tags=tags).info.run_id
     _log_params(client, run_id, _as_params(params))
     log.info("MLflow run %s (%s) under pipeline run %s at %s", run_id, stage, parent_id, uri)
+    start = time.perf_counter()
     try:
         yield StageRun(client, run_id, parent_id)
     except BaseException:
@@ -152,6 +160,7 @@ def stage_run(stage: str, params: ParamsBlock | Sequence[ParamsBlock] | Mapping[
         client.set_terminated(parent_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
+    log.info("%s finished in %.0f s", stage, time.perf_counter() - start)
     if closes_pipeline:
         client.set_terminated(parent_id, "FINISHED")
 

@@ -111,6 +111,7 @@ def fit(named_params: Mapping[str, torch.nn.Parameter], loss_fn: LossFn, train_i
         state["train_curve"].append(dict(totals, update=state["update"]))
         log_metrics(dict({f"train_{k}": v for k, v in totals.items()}, lr=optimizer.param_groups[0]["lr"]),
                     state["update"])
+        progress.set_postfix(loss=f"{totals['loss']:.4g}", lr=f"{optimizer.param_groups[0]['lr']:.2g}", refresh=False)
         progress.update()
         if state["update"] % cfg.eval_every == 0 or state["update"] == total_updates:
             metrics = _checked(evaluate(), name, state["update"])
@@ -125,6 +126,9 @@ def fit(named_params: Mapping[str, torch.nn.Parameter], loss_fn: LossFn, train_i
     with torch.no_grad():  # restore the best validation weights
         for key, p in named_params.items():
             p.copy_(state["best_params"][key])
+    best_at = min(state["history"], key=lambda row: row["loss"])["update"]
+    log.info("%s: %d updates in %.0f s; val loss %.4g -> %.4g (best at update %d)", name, state["update"],
+             time.perf_counter() - start, state["initial"]["loss"], state["best"]["loss"], best_at)
     return FitResult(state["initial"], state["best"], state["update"], state["items_seen"],
                      time.perf_counter() - start, state["history"], state["train_curve"])
 

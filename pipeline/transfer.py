@@ -39,6 +39,15 @@ class BlockResult:
     mse_before: dict[int, float]  # validation MSE per layer before and after transfer
     mse_after: dict[int, float]
 
+    def summary(self) -> str:
+        """One line: the block's mean validation MSE before and after, and its worst layer after."""
+        def mean(mse: dict[int, float]) -> float:
+            return sum(mse.values()) / len(mse)
+        worst = max(self.layers, key=lambda i: self.mse_after[i])
+        return (f"block {self.block} (layers {self.layers[0]}-{self.layers[-1]}): val MSE mean "
+                f"{mean(self.mse_before):.4g} -> {mean(self.mse_after):.4g} over {self.fit.updates} updates; "
+                f"worst layer {worst}: {self.mse_before[worst]:.4g} -> {self.mse_after[worst]:.4g}")
+
 
 @contextlib.contextmanager
 def transfer_mode(model: PreTrainedModel, layers: range, with_xent: bool) -> Iterator[list[TransferLosses]]:
@@ -165,5 +174,5 @@ def transfer_all_blocks(model: PreTrainedModel, states: TeacherStates, cfg: Atte
         def block_metrics(metrics, step, block=block):
             log_metrics({f"block_{block:02d}_{k}": v for k, v in metrics.items()}, step)
         results.append(train_block(block, states, model, cfg, checkpoints / f"block_{block:03d}.pt", block_metrics))
-        log.info("block %d: val MSE %s -> %s", block, results[-1].mse_before, results[-1].mse_after)
+        log.info("%s", results[-1].summary())
     return TransferOutcome(results)

@@ -1,8 +1,9 @@
 """DVC stages `lm-eval-teacher`, `lm-eval-window-only` and `lm-eval@VARIANT`: one model scored.
 
-../shared/design/lolcats.md §5. SOURCE is `teacher`, `window_only` or a saved student folder; the
-teacher has its own stage, so DVC keeps its scores when only student params change.
-Usage: python -m stages.lm_eval NAME SOURCE DATA_DIR METRICS_JSON
+../shared/design/lolcats.md §5. STAGE is the DVC stage's own name, which its MLflow run takes; SOURCE is
+`teacher`, `window_only` or a saved student folder. The teacher has its own stage, so DVC keeps its
+scores when only student params change.
+Usage: python -m stages.lm_eval STAGE SOURCE DATA_DIR METRICS_JSON
 """
 import argparse
 import time
@@ -18,13 +19,13 @@ from pipeline.throughput import counted_tokens, throughput_metrics
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    for name in ("name", "source", "data", "metrics"):
+    for name in ("stage", "source", "data", "metrics"):
         parser.add_argument(name)
     args = parser.parse_args()
     teacher, compute, attention, cfg, track = load_blocks(TeacherConfig, ComputeConfig, HybridConfig, LmEvalConfig,
                                                           TrackingConfig)
 
-    with tracking.stage_run(f"lm-eval@{args.name}", [teacher, compute, attention, cfg], track) as run:
+    with tracking.stage_run(args.stage, [teacher, compute, attention, cfg], track) as run:
         start = time.perf_counter()
         model, tokenizer = evaluated_model(args.source, teacher, attention, compute)
         with counted_tokens(model) as tokens:

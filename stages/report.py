@@ -1,7 +1,8 @@
 """DVC stage `report`: tables, gap closure, perplexities, cost and figures in reports/, logged to MLflow.
 
 ../shared/design/lolcats.md §5-§6. Closes this execution's MLflow parent run, which then carries the
-headline metrics beside every param of params.yaml.
+headline metrics beside every param of params.yaml, the report and its figures as artifacts, and the
+tag `gap_closure_undetermined` (the benchmarks whose teacher and baseline are indistinguishable).
 Usage: python -m stages.report METRICS_DIR PLOTS_DIR REPORT_DIR METRICS_JSON
 """
 import argparse
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.config import LmEvalConfig, TrackingConfig
-from pipeline.report import write_report
+from pipeline.report import undetermined_gaps, write_report
 from pipeline.stage import load_blocks, run_stage
 
 
@@ -25,8 +26,12 @@ def main() -> None:
                                        lm_eval.limit.to_dict())
         run.log_metrics(headline, args.metrics)
         run.log_pipeline_metrics(headline)
+        # a reader of the parent run sees why a gap closure is missing
+        run.set_pipeline_tag("gap_closure_undetermined", ", ".join(undetermined_gaps(headline)) or "none")
         for path in files:
-            run.log_artifact(path)
+            folder = path.parent.relative_to(args.out).as_posix()  # figures/ stays a folder
+            for log in (run.log_artifact, run.log_pipeline_artifact):
+                log(path, None if folder == "." else folder)
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def test_a_mistyped_param_stops_the_stage_with_one_line(tmp_path):
     params["prepare-data"]["seq_len"] = "1024"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "stages.prepare_data", "out", "metrics.json"],
+    done = subprocess.run([sys.executable, "-m", "stages.prepare_data", "source.json", "out", "metrics.json"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == ["error: prepare-data.seq_len: expected an integer, got '1024'"]

@@ -159,3 +159,19 @@ def test_prepared_data_round_trips_and_foreign_folders_are_refused(tmp_path, tok
     save_prepared(DatasetDict(train=dataset["train"]), tmp_path / "other")
     with pytest.raises(ValueError, match="not a prepare-data out"):
         load_prepared(tmp_path / "other")
+
+
+def test_a_hub_source_is_pinned_by_its_revision_and_read_at_it(monkeypatch):
+    import huggingface_hub
+
+    from pipeline import data
+    from pipeline.source import source_identity
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match=r"^prepare-data.source: 'yahma/alpaca-cleaned' is neither a .jsonl file nor "
+                                          r"reachable: the hub is offline \(HF_HUB_OFFLINE\)"):
+        source_identity("yahma/alpaca-cleaned")
+    asked = {}
+    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: asked.update(args=args, **kwargs) or [])
+    list(data.read_alpaca_rows("yahma/alpaca-cleaned", "abc123"))
+    assert asked == {"args": ("yahma/alpaca-cleaned",), "split": "train", "revision": "abc123"}

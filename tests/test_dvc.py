@@ -17,6 +17,7 @@ from tests.conftest import REPO
 # read by every stage but only says where runs are recorded, so dvc.yaml lists it nowhere.
 SHARED_READS = {
     "check-params": {},  # every block, through its dependency on the whole of params.yaml
+    "resolve-source": {"prepare-data": ["source"]},
     "prepare-data": {"teacher": ["source"]},
     "cache-teacher-attn": {"teacher": ["source"], "compute": "all"},
     "attention-transfer": {"teacher": ["source"], "compute": "all", "attention": "all"},
@@ -35,6 +36,8 @@ ENTRY_BLOCK = "variants"
 RECORD_ONLY = {"tracking"}
 # the gate upstream of every other stage: checks every block, records no MLflow run, writes this
 PARAMS_GATE, PARAMS_CHECKED = "check-params", "data/params_checked.json"
+# stages that record no MLflow run: the gate, and the source pin, which runs at every `dvc repro`
+UNTRACKED = {PARAMS_GATE, "resolve-source"}
 # pipeline modules that check params, record runs or write files atomically; they never decide
 # what a stage computes, so they are not deps (an edit there reruns nothing)
 BOOKKEEPING = {"pipeline/__init__.py", "pipeline/config.py", "pipeline/params.py", "pipeline/stage.py",
@@ -119,31 +122,21 @@ def test_params_are_exactly_what_the_stage_reads(stage):
 
 @pytest.mark.parametrize("stage", sorted(set(STAGES) - {PARAMS_GATE}))
 def test_one_name_everywhere(stage):
-    """Stage, script, `python -m` module, params block and MLflow run name all match."""
+    """Stage, script, `python -m` module and params block all match (the MLflow run name: below)."""
     name = SCRIPT_OF.get(stage, stage)
     module = f"stages.{name.replace('-', '_')}"
     assert STAGES[stage]["cmd"].startswith(f"python -m {module} ")
     tree = ast.parse(script(stage).read_text())
-    run_names = [_run_name(node.args[0]) for node in ast.walk(tree) if isinstance(node, ast.Call)
-                 and getattr(node.func, "attr", None) == "stage_run"]
     sharing = [s for s in STAGES if SCRIPT_OF.get(s, s) == name]
-    assert run_names == [f"{name}@" if any(s in PER_ENTRY or s in SCRIPT_OF for s in sharing) else name]
     built = [arg.id for node in ast.walk(tree) if isinstance(node, ast.Call)
              and getattr(node.func, "id", None) in ("load_blocks", "load_entry") for arg in node.args
              if isinstance(arg, ast.Name) and arg.id in config.__all__]
     blocks = {getattr(config, name).BLOCK for name in built}
     # a script shared by several stages reads what any of them depends on
-    expected = set(RECORD_ONLY) | ({name} & set(CLASSES))
+    expected = (set() if stage in UNTRACKED else set(RECORD_ONLY)) | ({name} & set(CLASSES))
     for s in sharing:
         expected |= set(SHARED_READS[s]) | ({ENTRY_BLOCK} if s in READS_ENTRY else set())
     assert blocks == expected
-
-
-def _run_name(node: ast.expr) -> str:
-    """A run name literal, or the literal head of an f-string such as f"lora-recover@{variant}"."""
-    if isinstance(node, ast.JoinedStr):
-        return node.values[0].value
-    return node.value
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -168,3 +161,24 @@ def test_dvc_dag_accepts_the_pipeline():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert all(stage in done.stdout for stage in STAGES)
+
+
+def _stage_run_name(stage: str, spec: dict) -> str | None:
+    """The MLflow run name the stage's script gives itself, for the stage's command (foreach: `${key}`)."""
+    call = next(node for node in ast.walk(ast.parse(script(stage).read_text()))
+                if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "stage_run")
+    first = call.args[0]
+    words = spec["cmd"].split()
+    if isinstance(first, ast.Constant):
+        return first.value
+    if isinstance(first, ast.Attribute) and first.attr == "stage":  # the command names its stage
+        return words[3]
+    if isinstance(first, ast.JoinedStr):  # f"attention-transfer@{args.variant}": the variant is argument 1
+        return "".join(part.value if isinstance(part, ast.Constant) else words[3] for part in first.values)
+    return None
+
+
+@pytest.mark.parametrize("stage", sorted(set(STAGES) - UNTRACKED))
+def test_each_stage_names_its_mlflow_run_as_dvc_names_the_stage(stage):
+    expected = f"{stage}@${{key}}" if stage in PER_ENTRY else stage
+    assert _stage_run_name(stage, STAGES[stage]) == expected

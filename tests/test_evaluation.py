@@ -1,5 +1,6 @@
 """Evaluation through lm-eval's seams (../shared/design/lolcats.md §5, style rule 14) on stories260K."""
 import json
+import logging
 import math
 import statistics
 import subprocess
@@ -162,9 +163,10 @@ def test_batched_loglikelihood_equals_one_at_a_time(linearized):
 
 # ---- the harness and the perplexities
 
-def test_evaluate_benchmarks_returns_every_flat_metric(linearized, monkeypatch):
+def test_evaluate_benchmarks_returns_every_flat_metric(linearized, monkeypatch, caplog):
     model, tokenizer = linearized
     raw = {}
+    caplog.set_level(logging.INFO)
 
     def keep_results(*args, **kwargs):
         raw.update(simple_evaluate(*args, **kwargs))
@@ -182,6 +184,9 @@ def test_evaluate_benchmarks_returns_every_flat_metric(linearized, monkeypatch):
     # our MMLU mean over subjects is lm-eval's own aggregate of the lolcats_mmlu group (weight_by_size: false)
     assert metrics["mmlu_acc"] == pytest.approx(raw["results"]["lolcats_mmlu"]["acc,none"])
     assert metrics["mmlu_acc_stderr"] == pytest.approx(raw["results"]["lolcats_mmlu"]["acc_stderr,none"])
+    # a readable log: lm-eval's per-subject INFO lines gone, one line of scores instead
+    assert not [r for r in caplog.records if r.name.startswith("lm_eval") and r.levelno < logging.WARNING]
+    assert [r for r in caplog.records if r.getMessage().startswith("lm-eval: piqa ")]
 
 
 def test_mmlu_stderr_falls_back_to_the_spread_of_subjects_scored_on_one_question():

@@ -91,10 +91,16 @@ def test_repro_then_an_ablation_give_two_comparable_mlflow_rows(tiny_repo):
         assert parent.data.params["prepare-data.seq_len"] == "128"
         assert "lolcats_avg_zero_shot" in parent.data.metrics and "teacher_mmlu" in parent.data.metrics
         assert {"report", "lm-eval@lolcats"} <= {s.info.run_name for s in stages}
+        # what a user opens is the parent: the report and its figures are there, and why a gap
+        # closure is missing (the tiny run's teacher and baseline are within each other's stderr)
+        client = tracking.mlflow_client(TrackingConfig(experiment="e2e", tracking_uri=f"sqlite:///{repo / 'mlflow.db'}"))
+        assert {"report.html", "report.md", "figures"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+        assert "gap_closure_undetermined" in parent.data.tags and "gap_mmlu" in parent.data.metrics
         assert all(s.info.status == "FINISHED" for s in stages)
     # the ablation reran only what the window changes: never the teacher's data, cache or scores
+    assert "lm-eval-teacher" in {s.info.run_name for s in rows["workspace"][1]}  # runs are named as DVC names stages
     ablation_stages = {s.info.run_name for s in rows["window8"][1]}
-    assert not ablation_stages & {"prepare-data", "cache-teacher-attn", "lm-eval@teacher"}
+    assert not ablation_stages & {"prepare-data", "cache-teacher-attn", "lm-eval-teacher"}
     assert "attention-transfer@lolcats" in ablation_stages
 
 

@@ -10,8 +10,20 @@ from datasets import load_from_disk
 
 from pipeline import tracking
 from pipeline.config import TrackingConfig
+from pipeline.io import file_digest
 from tests.conftest import REPO
 from tests.test_data import make_rows, write_jsonl
+
+
+def run_module(cwd, module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m stages.MODULE ARGS` as DVC runs it, in `cwd` (its params.yaml), this repo's code."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
+    return subprocess.run([sys.executable, "-m", f"stages.{module}", *args], cwd=cwd,
+                          env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+
+
+def prepare(cwd) -> subprocess.CompletedProcess:
+    return run_module(cwd, "prepare_data", "data/source.json", "data/prepared", "metrics/prepare_data.json")
 
 
 def test_prepare_data_stage_writes_dataset_metrics_and_runs(tmp_path, stories_path):
@@ -23,11 +35,8 @@ def test_prepare_data_stage_writes_dataset_metrics_and_runs(tmp_path, stories_pa
                          "max_train_tokens": 4 * 32, "max_val_tokens": 100},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
-    done = subprocess.run(
-        [sys.executable, "-m", "stages.prepare_data", "data/prepared", "metrics/prepare_data.json"],
-        cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    for done in (run_module(tmp_path, "resolve_source", "data/source.json"), prepare(tmp_path)):
+        assert done.returncode == 0, done.stderr
 
     prepared = load_from_disk(str(tmp_path / "data" / "prepared"))
     assert (len(prepared["train"]), len(prepared["validation"])) == (4, 3)  # 128 / 32, floor(100 / 32)
@@ -45,6 +54,7 @@ def test_prepare_data_stage_writes_dataset_metrics_and_runs(tmp_path, stories_pa
     assert runs["pipeline-workspace"].info.status == "RUNNING"  # a later stage closes the pipeline
     assert stage.data.params["prepare-data.seq_len"] == "32"
     assert stage.data.params["teacher.source"] == str(stories_path)
+    assert stage.data.tags["source_sha256"] == file_digest(tmp_path / "rows.jsonl")
     assert stage.data.metrics == metrics
     assert (tmp_path / tracking.ARTIFACT_DIR).is_dir()  # artifacts beside the store
 
@@ -56,10 +66,9 @@ def run_prepare_data(tmp_path, teacher_source: str, rows_text: str) -> tuple[int
     params = {"teacher": {"source": teacher_source}, "tracking": {"experiment": "e2e"},
               "prepare-data": {"source": "rows.jsonl", "seq_len": 32, "val_rows": 5}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
-    done = subprocess.run(
-        [sys.executable, "-m", "stages.prepare_data", "data/prepared", "metrics/prepare_data.json"],
-        cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    for done in (run_module(tmp_path, "resolve_source", "data/source.json"), prepare(tmp_path)):
+        if done.returncode:
+            break
     return done.returncode, done.stderr.splitlines()[-1]
 
 
@@ -71,3 +80,21 @@ def test_an_unknown_teacher_or_a_bad_rows_file_stops_with_one_line_naming_it(tmp
     rows = json.dumps(make_rows(1)[0]) + "\n" + '{"instruction": 1,\n'
     assert run_prepare_data(tmp_path, str(stories_path), rows) == (
         2, "error: rows.jsonl: not valid JSON, Expecting property name enclosed in double quotes at column 19 (line 2)")
+
+
+def test_the_source_pin_follows_the_file_and_a_stale_pin_is_refused(tmp_path, stories_path):
+    """An edited rows file changes data/source.json (prepare-data's dependency): DVC reruns prepare-data."""
+    rows = "".join(json.dumps(r) + "\n" for r in make_rows(60))
+    assert run_prepare_data(tmp_path, str(stories_path), rows)[0] == 0
+    before = json.loads((tmp_path / "data" / "source.json").read_text())
+    assert before == {"source": "rows.jsonl", "sha256": file_digest(tmp_path / "rows.jsonl"), "bytes": len(rows)}
+    (tmp_path / "rows.jsonl").write_text(rows[: len(rows) // 2].rsplit("\n", 1)[0] + "\n")  # cut, as the issue did
+    assert run_module(tmp_path, "resolve_source", "data/source.json").returncode == 0
+    assert json.loads((tmp_path / "data" / "source.json").read_text())["sha256"] != before["sha256"]
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["prepare-data"]["source"] = "other.jsonl"  # params changed, pin not rewritten: outside DVC
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = prepare(tmp_path)
+    assert (done.returncode, done.stderr.splitlines()[-1]) == (
+        2, "error: prepare-data.source: 'other.jsonl', but data/source.json pins 'rows.jsonl'; run `dvc repro` "
+           "(its resolve-source stage writes it anew)")

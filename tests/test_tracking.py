@@ -155,7 +155,7 @@ with tracking.stage_run("attention-transfer@lolcats", {{}}, TrackingConfig({cfg.
     stage.wait(timeout=30)
     assert client.get_run(killed_id).info.status == "RUNNING"  # what the issue saw: RUNNING for ever
 
-    with tracking.stage_run("lm-eval@teacher", {}, cfg, params_file=params) as later:
+    with tracking.stage_run("lm-eval-teacher", {}, cfg, params_file=params) as later:
         pass
     assert client.get_run(killed_id).info.status == "KILLED"
     assert client.get_run(dead_parent_id).info.status == "KILLED"

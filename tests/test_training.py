@@ -256,3 +256,17 @@ def test_a_saved_student_is_byte_identical_whatever_the_process(stories_path, tm
     files = sorted(p.name for p in (tmp_path / "1").iterdir())
     assert "adapter_config.json" in files and files == sorted(p.name for p in (tmp_path / "2").iterdir())
     assert all((tmp_path / "1" / f).read_bytes() == (tmp_path / "2" / f).read_bytes() for f in files)
+
+
+def test_fit_and_a_block_each_leave_one_readable_summary_line(tmp_path, caplog):
+    p = torch.nn.Parameter(torch.ones(3))
+    cfg = AttentionTransferConfig(epochs=2, grad_accum=1, eval_every=1, lr=0.1)
+    with caplog.at_level("INFO", logger="pipeline.training"):
+        result = fit({"w": p}, lambda i: {"loss": (p * p).sum()}, [0, 1],
+                     lambda: {"loss": (p.detach() ** 2).sum().item()}, cfg, tmp_path / "c.pt", "block 0",
+                     lambda m, s: None)
+    assert re.fullmatch(r"block 0: 4 updates in \d+ s; val loss 3 -> \S+ \(best at update 4\)",
+                        caplog.records[-1].getMessage())
+    block = BlockResult(0, [0, 1], result, {0: 0.5, 1: 0.25}, {0: 0.125, 1: 0.0625})
+    assert block.summary() == ("block 0 (layers 0-1): val MSE mean 0.375 -> 0.09375 over 4 updates; "
+                               "worst layer 0: 0.5 -> 0.125")

@@ -8,6 +8,7 @@ model sees the same documents. The result is flat: `<benchmark>_<metric>` and it
 (lm-eval's), `<benchmark>_docs`, and the paper's averages `avg_zero_shot` (5 tasks) and
 `avg_all` (6). MMLU is the unweighted mean over subjects, as the paper.
 """
+import contextlib
 import logging
 import math
 import random
@@ -91,9 +92,10 @@ def evaluate_benchmarks(model: torch.nn.Module, tokenizer, cfg: LmEvalConfig) ->
              sum(map(len, leaves.values())))
     lm = LolcatsLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
     top = [loaded["groups"][name] if name in loaded["groups"] else loaded["tasks"][name] for name in names.values()]
-    results = simple_evaluate(lm, tasks=top, task_manager=manager, samples=samples or None, log_samples=False,
-                              random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
-                              fewshot_random_seed=cfg.seed)
+    with _lm_eval_warnings_only():  # else two INFO lines per MMLU subject: ~260 lines per stage
+        results = simple_evaluate(lm, tasks=top, task_manager=manager, samples=samples or None, log_samples=False,
+                                  random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
+                                  fewshot_random_seed=cfg.seed)
 
     metrics = {}
     for benchmark, tasks in leaves.items():
@@ -104,7 +106,21 @@ def evaluate_benchmarks(model: torch.nn.Module, tokenizer, cfg: LmEvalConfig) ->
     scores = {b: metrics[f"{b}_{BENCHMARKS[b].metric}"] for b in BENCHMARKS}
     metrics["avg_zero_shot"] = sum(scores[b] for b in ZERO_SHOT) / len(ZERO_SHOT)
     metrics["avg_all"] = sum(scores.values()) / len(scores)
+    log.info("lm-eval: %s; avg %.4f (zero-shot %.4f)", ", ".join(
+        f"{b} {metrics[f'{b}_{BENCHMARKS[b].metric}']:.4f} ± {metrics[f'{b}_{BENCHMARKS[b].metric}_stderr']:.4f}"
+        for b in BENCHMARKS), metrics["avg_all"], metrics["avg_zero_shot"])
     return metrics
+
+
+@contextlib.contextmanager
+def _lm_eval_warnings_only():
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer, cfg: LmEvalConfig, alpaca_split=None) -> dict[str, float]:

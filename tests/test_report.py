@@ -1,0 +1,39 @@
+"""The report's headline: gap closure where teacher and baseline differ, and why not where they do not."""
+from pipeline.comparison import TASK_METRICS, Score, gap_closure
+from pipeline.report import PipelineResults, headline, undetermined_gaps
+
+
+def scored(value: float, stderr: float = 0.01, **overrides: float) -> dict[str, float]:
+    """lm-eval stage metrics: every benchmark at `value` ± `stderr`, some overridden by name."""
+    out = {}
+    for task, metric in TASK_METRICS.items():
+        out[f"{task}_{metric}"] = overrides.get(task, value)
+        out[f"{task}_{metric}_stderr"] = stderr
+    return out
+
+
+def results(lm_eval: dict[str, dict[str, float]]) -> PipelineResults:
+    return PipelineResults(prepare={"train_tokens": 2048, "train_chunks": 2},
+                           cache={"teacher_val_ppl": 9.0, "wall_time_s": 1.0}, transfer={}, lora={}, lm_eval=lm_eval)
+
+
+def test_gap_and_its_stderr_are_always_there_and_closure_only_where_determined():
+    # MMLU: teacher 0.250 vs baseline 0.245, within their stderr; every other task 0.60 vs 0.40
+    metrics = headline(results({"teacher": scored(0.60, mmlu=0.250), "no_transfer": scored(0.40, mmlu=0.245),
+                                "lolcats": scored(0.55, mmlu=0.249)}))
+    assert metrics["gap_mmlu"] == 0.250 - 0.245
+    assert metrics["gap_mmlu_stderr"] > metrics["gap_mmlu"]
+    assert "lolcats_mmlu_gap_closure" not in metrics
+    assert abs(metrics["lolcats_piqa_gap_closure"] - 0.75) < 1e-12
+    assert undetermined_gaps(metrics) == ["mmlu"]
+
+
+def test_without_the_baseline_there_is_no_gap_to_report():
+    metrics = headline(results({"teacher": scored(0.6), "lolcats": scored(0.5)}))
+    assert not [k for k in metrics if k.startswith("gap_") or k.endswith("_gap_closure")]
+    assert undetermined_gaps(metrics) == []
+
+
+def test_gap_closure_is_the_fraction_of_the_gap_closed():
+    assert abs(gap_closure(Score(0.5, 0.0), Score(0.4, 0.0), Score(0.6, 0.0)) - 0.5) < 1e-12
+    assert gap_closure(Score(0.5, 0.1), Score(0.4, 0.1), Score(0.45, 0.1)) is None
