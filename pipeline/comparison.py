@@ -2,8 +2,8 @@
 
 Gap closure = (student - baseline) / (teacher - baseline), the baseline being the same-compute
 linearization without attention transfer (`no_transfer`); recovery = student / teacher. A ratio whose
-denominator lies within its own standard error (teacher and baseline indistinguishable on this many
-documents) is undetermined: reported as None, never as a number.
+denominator is not at least GAP_Z standard errors from zero (teacher and baseline not told apart on
+this many documents) is undetermined: reported as None, never as a number.
 """
 import math
 from dataclasses import dataclass
@@ -12,6 +12,10 @@ from dataclasses import dataclass
 TASK_METRICS = {"piqa": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm",
                 "winogrande": "acc", "mmlu": "acc"}
 ZERO_SHOT = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
+# Standard errors the gap teacher − baseline must exceed for its ratio to be reported (two-sided ~95%).
+# At one stderr a gap of zero passes one time in three, and the ratio over it takes any size and sign:
+# the 2026-12-02 H200 run had arc_easy's gap at -1.6 stderr, which gave lolcats a gap closure of -0.71.
+GAP_Z = 2.0
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,8 @@ def _mean(items: list[Score]) -> Score:
 
 
 def determined(gap: Score) -> bool:
-    """Whether teacher and baseline differ by more than their combined stderr."""
-    return abs(gap.value) > gap.stderr
+    """Whether teacher and baseline differ by more than GAP_Z of their combined stderr."""
+    return abs(gap.value) > GAP_Z * gap.stderr
 
 
 def gap_closure(student: Score, baseline: Score, teacher: Score) -> float | None:

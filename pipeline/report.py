@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import figures
-from .comparison import TASK_METRICS, ZERO_SHOT, Score, compare, determined, gaps
+from .comparison import GAP_Z, TASK_METRICS, ZERO_SHOT, Score, compare, determined, gaps
 
 REFERENCE_MODELS = ("teacher", "window_only")  # evaluated without training; the rest are variants
 ROWS = list(TASK_METRICS) + ["avg_zero_shot", "avg_all"]
@@ -52,7 +52,7 @@ def headline(results: PipelineResults) -> dict[str, float]:
     """Flat metrics for DVC and the MLflow parent run: scores, gap closure, perplexities, cost.
 
     The gap itself (teacher − no_transfer) and its stderr are always there, so a missing
-    `*_gap_closure` reads as "undetermined" (|gap| within its stderr), never as "not computed".
+    `*_gap_closure` reads as "undetermined" (|gap| within GAP_Z stderrs), never as "not computed".
     """
     scored = {m: results.lm_eval[m] for m in results.ordered_models()}
     table = compare(scored)
@@ -87,7 +87,7 @@ Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("
 
 
 def undetermined_gaps(metrics: dict[str, float]) -> list[str]:
-    """The benchmarks whose gap closure the headline `metrics` leave undetermined (gap within its stderr)."""
+    """The benchmarks whose gap closure the headline `metrics` leave undetermined (gap within GAP_Z stderrs)."""
     return [task for task in ROWS if f"gap_{task}" in metrics
             and not determined(Score(metrics[f"gap_{task}"], metrics[f"gap_{task}_stderr"]))]
 
@@ -100,23 +100,31 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def _protocol(limits: dict[str, int | None]) -> str:
+    """Which tasks were scored on every document and which on a seeded subset (lm-eval.limit)."""
+    subset = {task: n for task, n in limits.items() if n is not None}
+    if not subset:
+        return "the paper's full lm-eval protocol (limit: null on every task)."
+    whole = [task for task, n in limits.items() if n is None]
+    return ("a seeded subset of documents: " + ", ".join(
+        f"{task} {n}" + (" per subject" if task == "mmlu" else "") for task, n in subset.items())
+        + (f"; every document of {', '.join(whole)}" if whole else "")
+        + ". The standard errors say what that costs; `lm-eval.limit.<task>: null` scores every document.")
+
+
 def document(results: PipelineResults, figure_paths: dict[str, Path], limits: dict[str, int | None]) -> list[Block]:
     models = results.ordered_models()
     table = compare({m: results.lm_eval[m] for m in models})
-    full = all(v is None for v in limits.values())
     doc: list[Block] = [
         ("h", 1, "LoLCATs linearization report"),
-        ("p", "Protocol: " + ("the paper's full lm-eval protocol (limit: null on every task)." if full else
-              "a CPU subset — documents per task: " + ", ".join(f"{t} {n}" for t, n in limits.items())
-              + " (MMLU: per subject). Scores on so few documents carry large standard errors; "
-              "set `lm-eval.limit.*: null` for the paper's protocol.")),
+        ("p", "Protocol: " + _protocol(limits)),
         ("h", 2, "Scores (value ± stderr)"),
         ("table", ["benchmark (metric)"] + models,
          [[f"{t} ({TASK_METRICS.get(t, 'mean')})"] + [f"{table[m][t]['value']:.3f} ± {table[m][t]['stderr']:.3f}"
                                                       for m in models] for t in ROWS]),
         ("h", 2, "Gap closure vs the no-transfer baseline, and recovery"),
         ("p", "gap closure = (student − no_transfer) / (teacher − no_transfer) (§5); recovery = student / teacher. "
-              "`undetermined`: teacher and baseline differ by less than their combined stderr."),
+              f"`undetermined`: teacher and baseline differ by less than {GAP_Z:g} × their combined stderr."),
     ]
     students = [m for m in models if m not in REFERENCE_MODELS + ("no_transfer",)]
     doc.append(("table", ["benchmark"] + [f"{m} gap closure" for m in students] + [f"{m} recovery" for m in students],

@@ -1,6 +1,6 @@
 """The report's headline: gap closure where teacher and baseline differ, and why not where they do not."""
 from pipeline.comparison import TASK_METRICS, Score, gap_closure
-from pipeline.report import PipelineResults, headline, undetermined_gaps
+from pipeline.report import PipelineResults, _protocol, headline, undetermined_gaps
 
 
 def scored(value: float, stderr: float = 0.01, **overrides: float) -> dict[str, float]:
@@ -37,3 +37,18 @@ def test_without_the_baseline_there_is_no_gap_to_report():
 def test_gap_closure_is_the_fraction_of_the_gap_closed():
     assert abs(gap_closure(Score(0.5, 0.0), Score(0.4, 0.0), Score(0.6, 0.0)) - 0.5) < 1e-12
     assert gap_closure(Score(0.5, 0.1), Score(0.4, 0.1), Score(0.45, 0.1)) is None
+
+
+def test_a_gap_under_two_stderrs_leaves_gap_closure_undetermined():
+    # gap 0.02 against a combined stderr of 0.01 * sqrt(2) = 0.0141: 1.4 stderrs, too close to zero
+    metrics = headline(results({"teacher": scored(0.60, arc_easy=0.52), "no_transfer": scored(0.40, arc_easy=0.50),
+                                "lolcats": scored(0.55, arc_easy=0.51)}))
+    assert "lolcats_arc_easy_gap_closure" not in metrics and "arc_easy" in undetermined_gaps(metrics)
+    assert abs(gap_closure(Score(0.51, 0.0), Score(0.50, 0.005), Score(0.52, 0.005)) - 0.5) < 1e-12  # 2.8 stderrs
+
+
+def test_the_protocol_line_names_the_subsets_and_the_whole_tasks():
+    assert _protocol({"piqa": None, "mmlu": None}).startswith("the paper's full")
+    line = _protocol({"piqa": None, "arc_easy": None, "hellaswag": 2000, "mmlu": 40})
+    assert "hellaswag 2000, mmlu 40 per subject" in line and "every document of piqa, arc_easy" in line
+    assert "None" not in line
