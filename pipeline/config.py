@@ -3,13 +3,16 @@
 Blocks shared by several stages (`teacher`, `compute`, `attention`, `tracking`) come first, then one block per
 stage in pipeline order. Reading and checking rules live in `params.py`.
 """
+import json
 import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from .hybrid.config import HybridConfig
+from .io import DataFileError
 from .params import ConfigError, ParamsBlock, build_block, build_entry
 
 
@@ -267,6 +270,10 @@ PARAMS_BLOCKS: tuple[type[ParamsBlock], ...] = (
     AttentionTransferConfig, LoraRecoverConfig, LmEvalConfig)
 
 
+# the models evaluated beside the variants, under these names (metrics/lm_eval/<name>.json, MLflow, the report)
+TEACHER, WINDOW_ONLY = "teacher", "window_only"
+
+
 def check_params(params: dict) -> list[str]:
     """Check every block of params.yaml at once (the `check-params` stage); returns the block names.
 
@@ -279,8 +286,29 @@ def check_params(params: dict) -> list[str]:
     for cls in PARAMS_BLOCKS:
         build_block(cls, params)
     for name in params.get(VariantConfig.BLOCK) or {}:
+        if name in (TEACHER, WINDOW_ONLY):
+            raise ConfigError(f"{VariantConfig.BLOCK}.{name}: the name of a baseline the evaluation adds; rename it")
         build_entry(VariantConfig, params, name)
     return sorted(params)
+
+
+def scoped_attention(params: dict) -> dict[str, HybridConfig]:
+    """The attention each trained variant, and the window-only baseline, builds (`HybridConfig.for_mode`).
+
+    check-params writes one file per model and the stages that build one read it (and depend on it)
+    instead of the whole `attention` block, so a param a model does not read reruns nothing of it."""
+    attention = build_block(HybridConfig, params)
+    scoped = {name: attention.for_mode(build_entry(VariantConfig, params, name).mode)
+              for name in params.get(VariantConfig.BLOCK) or {}}
+    return scoped | {WINDOW_ONLY: attention.for_mode("window_only")}
+
+
+def read_scoped_attention(path: str | Path) -> HybridConfig:
+    """A file `scoped_attention` wrote (through check-params)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"{path}: missing; run `dvc repro` (its check-params stage writes it)")
+    return HybridConfig(**json.loads(path.read_text()))
 
 
 __all__ = ["AttentionTransferConfig", "CacheTeacherAttnConfig", "ComputeConfig", "HybridConfig", "LmEvalConfig", "LoraRecoverConfig",

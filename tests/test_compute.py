@@ -41,7 +41,8 @@ def test_cuda_asked_for_without_a_gpu_names_the_key():
 
 
 @pytest.mark.parametrize("head_dim, dtype, reason", [
-    (256, torch.bfloat16, "the triton backend needs the head dim to be in [1, 128]"),  # Gemma
+    (512, torch.bfloat16, "the triton backend needs the head dim to be in [1, 256]"),
+    (256, torch.bfloat16, None),  # Gemma 3: two D tiles of 128
     (8, torch.bfloat16, None),  # stories260K, padded to 16
     (96, torch.bfloat16, None),  # Phi-3, padded to 128
     (64, torch.float32, "takes bf16 or fp16 on CUDA, not fp32"),
@@ -55,9 +56,9 @@ def test_the_kernels_say_which_shapes_they_refuse(head_dim, dtype, reason):
 def test_auto_falls_back_to_pytorch_once_per_reason_and_triton_stays_explicit(caplog, monkeypatch):
     monkeypatch.setattr(attention_module, "_REPORTED_FALLBACKS", set())
     assert HybridAttention(HybridConfig(), num_heads=8, head_dim=8).kernel_refusal(torch.zeros(1, 8, 4, 8)) is None
-    layer = HybridAttention(HybridConfig(), num_heads=2, head_dim=256)
-    refusal = layer.kernel_refusal(torch.zeros(1, 2, 4, 256))
-    assert "got 256" in refusal
+    layer = HybridAttention(HybridConfig(), num_heads=2, head_dim=512)
+    refusal = layer.kernel_refusal(torch.zeros(1, 2, 4, 512))
+    assert "got 512" in refusal
     with caplog.at_level(logging.WARNING, logger=attention_module.__name__):
         for _ in range(3):  # every layer of every step asks
             assert resolve_backend("auto", CUDA, dtype=torch.bfloat16, refusal=refusal) == "torch"
@@ -65,8 +66,8 @@ def test_auto_falls_back_to_pytorch_once_per_reason_and_triton_stays_explicit(ca
         f"attention.backend auto: PyTorch instead of Triton here, since {refusal}"]
     assert resolve_backend("auto", CUDA, dtype=torch.bfloat16, refusal=None) == "triton"
     assert resolve_backend("triton", CUDA, dtype=torch.bfloat16, refusal=refusal) == "triton"  # the kernel raises
-    q = torch.zeros(1, 2, 64, 256)
-    with pytest.raises(ValueError, match=r"head dim to be in \[1, 128\].*: use attention.backend: torch"):
+    q = torch.zeros(1, 2, 64, 512)
+    with pytest.raises(ValueError, match=r"head dim to be in \[1, 256\].*: use attention.backend: torch"):
         hybrid_attention_chunk(q, q, q, None, None, None, 64, "terrace")
 
 

@@ -159,3 +159,26 @@ def test_check_params_takes_params_yaml_and_names_the_first_bad_key():
     variant = dict(params, variants=dict(params["variants"], odd={"mode": "softmax"}))
     with pytest.raises(ConfigError, match=r"^variants.odd.mode: expected one of"):
         config.check_params(variant)
+
+
+def test_each_mode_reads_only_its_own_fields_so_the_others_change_nothing():
+    base = config.HybridConfig()
+    window_change = dataclasses.replace(base, window="sliding", window_size=16, init_gamma=0.3)
+    feature_change = dataclasses.replace(base, feature_map="t2r", feature_dim=32, init_gamma=0.3)
+    assert window_change.for_mode("linear_only") == base.for_mode("linear_only")
+    assert feature_change.for_mode("window_only") == base.for_mode("window_only")
+    assert window_change.for_mode("hybrid") != base.for_mode("hybrid")  # the method reads every field
+    assert feature_change.for_mode(None) == feature_change  # its own mode, all of it read
+    assert window_change.for_mode("linear_only").mode == "linear_only"
+
+
+def test_scoped_attention_has_each_variant_and_the_window_only_baseline():
+    params = read_params(REPO / "params.yaml")
+    params["attention"] = {**params["attention"], "window_size": 16}
+    scoped = config.scoped_attention(params)
+    assert set(scoped) == set(params["variants"]) | {config.WINDOW_ONLY}
+    assert scoped["lolcats"].window_size == 16 and scoped["window_only"].window_size == 16
+    assert scoped["linear_only"] == config.HybridConfig(mode="linear_only")  # the window is not its business
+    params["variants"]["window_only"] = {"mode": "window_only"}
+    with pytest.raises(ConfigError, match="variants.window_only: the name of a baseline"):
+        config.check_params(params)

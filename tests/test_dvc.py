@@ -20,10 +20,10 @@ SHARED_READS = {
     "resolve-source": {"prepare-data": ["source"]},
     "prepare-data": {"teacher": ["source"]},
     "cache-teacher-attn": {"teacher": ["source"], "compute": "all"},
-    "attention-transfer": {"teacher": ["source"], "compute": "all", "attention": "all"},
+    "attention-transfer": {"teacher": ["source"], "compute": "all"},  # attention: its data/attention file
     "lora-recover": {"teacher": ["source"], "compute": "all"},
     "lm-eval-teacher": {"teacher": ["source"], "compute": "all"},
-    "lm-eval-window-only": {"teacher": ["source"], "compute": "all", "attention": "all"},
+    "lm-eval-window-only": {"teacher": ["source"], "compute": "all"},  # attention: its data/attention file
     "lm-eval": {"teacher": ["source"], "compute": "all"},
     "report": {"lm-eval": ["limit"]},
 }
@@ -34,8 +34,8 @@ READS_ENTRY = {"attention-transfer", "lora-recover"}
 # `foreach` stages run once per entry of this block and read their own entry (`variants.${key}`)
 ENTRY_BLOCK = "variants"
 RECORD_ONLY = {"tracking"}
-# the gate upstream of every other stage: checks every block, records no MLflow run, writes this
-PARAMS_GATE, PARAMS_CHECKED = "check-params", "data/params_checked.json"
+# the gate upstream of every other stage: checks every block, records no MLflow run, writes these
+PARAMS_GATE, PARAMS_CHECKED, SCOPED_ATTENTION = "check-params", "data/params_checked.json", "data/attention"
 # stages that record no MLflow run: the gate, and the source pin, which runs at every `dvc repro`
 UNTRACKED = {PARAMS_GATE, "resolve-source"}
 # pipeline modules that check params, record runs or write files atomically; they never decide
@@ -110,7 +110,7 @@ def test_every_stage_is_known_here():
 
 def test_check_params_tracks_all_of_params_yaml_and_gates_every_other_stage():
     assert STAGES[PARAMS_GATE]["params"] == [{"params.yaml": None}]
-    assert [next(iter(out)) for out in STAGES[PARAMS_GATE]["outs"]] == [PARAMS_CHECKED]
+    assert [next(iter(out)) for out in STAGES[PARAMS_GATE]["outs"]] == [PARAMS_CHECKED, SCOPED_ATTENTION]
     assert all(PARAMS_CHECKED in spec["deps"] for name, spec in STAGES.items() if name != PARAMS_GATE)
 
 
@@ -146,7 +146,8 @@ def test_deps_cover_the_script_and_the_modules_it_computes_with(stage):
     computing = pipeline_modules(script(stage), set()) - BOOKKEEPING
     uncovered = [m for m in computing if not any(m == d or m.startswith(d.rstrip("/") + "/") for d in deps)]
     assert not uncovered, f"{stage} computes with {uncovered} but does not list them under deps"
-    produced = [d for d in deps if any(o == d or o.startswith(d.rstrip("/") + "/") for o in PRODUCED)]
+    produced = [d for d in deps if any(o == d or o.startswith(d.rstrip("/") + "/") or d.startswith(o + "/")
+                                       for o in PRODUCED)]
     assert all((REPO / d).exists() for d in deps if "${" not in d and d not in produced)
 
 

@@ -219,6 +219,8 @@ def test_lm_eval_cli_scores_a_saved_student(stories_path, tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "|lolcats_piqa|" in done.stdout and "acc_norm" in done.stdout
+    # HFLM loads the folder by its path (AutoModelForCausalLM after `import pipeline`), not as a built model
+    assert "not of type `str`" not in done.stderr and "neither marked as CausalLM" not in done.stderr
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     assert results["n-samples"]["lolcats_piqa"]["effective"] == 2
 

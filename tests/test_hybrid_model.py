@@ -79,7 +79,8 @@ def test_save_and_load_rebuild_the_same_model(stories_path, tmp_path):
         for p in hybrid_state_dict(model).values():
             p.add_(torch.randn_like(p) * 0.1)
     save_linearized(model, tmp_path, teacher_source=str(stories_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hybrid_attention.safetensors", "hybrid_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "hybrid_attention.safetensors",
+                                                          "tokenizer.json", "tokenizer_config.json"]
     loaded = load_linearized(tmp_path)
     ids = torch.randint(0, 512, (1, 100))
     with torch.no_grad():

@@ -101,7 +101,9 @@ def test_repro_then_an_ablation_give_two_comparable_mlflow_rows(tiny_repo):
     assert "lm-eval-teacher" in {s.info.run_name for s in rows["workspace"][1]}  # runs are named as DVC names stages
     ablation_stages = {s.info.run_name for s in rows["window8"][1]}
     assert not ablation_stages & {"prepare-data", "cache-teacher-attn", "lm-eval-teacher"}
-    assert "attention-transfer@lolcats" in ablation_stages
+    assert {"attention-transfer@lolcats", "lm-eval-window-only"} <= ablation_stages
+    # linear_only reads no window param (data/attention/linear_only.json is unchanged): none of its stages reran
+    assert not {s for s in ablation_stages if s.endswith("@linear_only")}
 
 
 def test_a_bad_late_param_stops_before_any_stage_and_deletes_nothing(tiny_repo):

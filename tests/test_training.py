@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,8 +254,9 @@ def test_a_saved_student_is_byte_identical_whatever_the_process(stories_path, tm
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}
         subprocess.run([sys.executable, "-c", SAVE_STUDENT, str(stories_path), str(tmp_path / seed)],
                        env=env, check=True, capture_output=True, timeout=300)
-    files = sorted(p.name for p in (tmp_path / "1").iterdir())
-    assert "adapter_config.json" in files and files == sorted(p.name for p in (tmp_path / "2").iterdir())
+    files = sorted(p.relative_to(tmp_path / "1") for p in (tmp_path / "1").rglob("*") if p.is_file())
+    assert Path("adapter/adapter_config.json") in files
+    assert files == sorted(p.relative_to(tmp_path / "2") for p in (tmp_path / "2").rglob("*") if p.is_file())
     assert all((tmp_path / "1" / f).read_bytes() == (tmp_path / "2" / f).read_bytes() for f in files)
 
 

@@ -24,10 +24,14 @@ Kernels, in the order a training step runs them:
 dx and dW come from separate kernels because one program cannot hold both: dx sums over the query
 heads of a group per token block, dW over all token blocks per query head.
 
-Head dims that are not powers of two >= 16 (8: stories260K, 80, 96: Phi-3) are zero-padded up to
-one, in x and in W's rows, by `hedgehog_feature_map`: the zeros add nothing to u = x W_h, and the
-pad outside the autograd function slices dx and dW back. F' is not padded, since zero columns of u
-would be logits of the softmaxes: it must be a power of two itself.
+Head dims that are not powers of two >= 16 (8: stories260K, 80, 96: Phi-3, 160, 192) are
+zero-padded up to one, in x and in W's rows, by `hedgehog_feature_map`: the zeros add nothing to
+u = x W_h, and the pad outside the autograd function slices dx and dW back. A padded D above
+D_TILE (256: Gemma-3) is split into D tiles: u = x W_h sums the tiles' dots, tile 0 first (with
+one tile, the only one; the x tile loaded once is tile 0, the further ones are loaded with each
+W_h), and dx and dW, which have D columns or rows, run one program per D tile (grid axis 2), each
+recomputing u. F' is not padded, since zero columns of u would be logits of the softmaxes: it must
+be a power of two itself, and it is never split.
 """
 import torch
 import torch.nn.functional as F_
@@ -36,9 +40,11 @@ import triton.language as tl
 
 from ..strides import bht_strides
 
-# D and F' are tl.dot dimensions (>= 16) and block shapes (powers of two), D after padding; above
-# 128 the fp32 [tokens, D] and [tokens, F'] tiles of the backward no longer fit in registers.
-MIN_DIM, MAX_DIM = 16, 128
+# D and F' are tl.dot dimensions (>= 16) and block shapes (powers of two), D after padding. F' is one
+# tile: above 128 the backward's fp32 [tokens, F'] tiles no longer fit in registers. D is cut into
+# tiles of D_TILE, the widest the kernels were measured at (H100, D 128), so that a program at D 256
+# holds the tiles of one at D 128; unmeasured on a GPU at 256, the largest head dim in use (Gemma-3).
+MIN_DIM, MAX_FEATURE_DIM, MAX_HEAD_DIM, D_TILE = 16, 128, 256, 128
 # Floats the kernel takes on CUDA. fp32 is refused there as by the chunk attention kernels (which met
 # illegal memory accesses with fp32 tiles on an H100, triton 3.6): fp32 models keep the PyTorch maps.
 CUDA_DTYPES = (torch.bfloat16, torch.float16)
@@ -59,9 +65,9 @@ def _softmax_pair(u):
 
 
 @triton.jit
-def _grad_u(x, w, dphi_ptr, t, t_ok, stride_t, f, F: tl.constexpr, eps):
-    """du [BT,F'] fp32 of one query head: u recomputed from x [BT,D] and W_h [D,F'], dphi read at dphi_ptr."""
-    a, c = _softmax_pair(tl.dot(x, w))
+def _grad_u(u, dphi_ptr, t, t_ok, stride_t, f, F: tl.constexpr, eps):
+    """du [BT,F'] fp32 of one query head from its recomputed u [BT,F'] and dphi read at dphi_ptr."""
+    a, c = _softmax_pair(u)
     g_pos = _tile(dphi_ptr, t, t_ok, stride_t, f).to(tl.float32)
     g_neg = _tile(dphi_ptr + F, t, t_ok, stride_t, f).to(tl.float32)
     g_pos = tl.where(a >= eps, g_pos, 0.0)
@@ -71,25 +77,49 @@ def _grad_u(x, w, dphi_ptr, t, t_ok, stride_t, f, F: tl.constexpr, eps):
 
 @triton.jit
 def _weight(W, h, d, f, D: tl.constexpr, F: tl.constexpr, dtype: tl.constexpr):
-    """W_h [D,F'] of a contiguous [H,D,F'] weight, as dot operand in `dtype`."""
+    """Rows d of W_h [D,F'] of a contiguous [H,D,F'] weight, as dot operand in `dtype`."""
     return tl.load(W + h * D * F + d[:, None] * F + f[None, :]).to(dtype)
+
+
+@triton.jit
+def _logits(x, w, X, t, t_ok, stride_t, W, h, f, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr,
+            ND: tl.constexpr):
+    """u = x W_h [BT,F'] fp32 of the token rows t of X: x [BT,BD] and w [BD,F'] are D tile 0 of them
+    (the caller's), the further tiles are loaded here."""
+    u = tl.dot(x, w)
+    for kt in tl.static_range(1, ND):
+        d = tl.arange(kt * BD, (kt + 1) * BD)
+        u = tl.dot(_tile(X, t, t_ok, stride_t, d), _weight(W, h, d, f, D, F, x.dtype), u)
+    return u
+
+
+@triton.jit
+def _own_tile(d, BD: tl.constexpr, ND: tl.constexpr):
+    """The columns of this program's D tile (grid axis 2); d, tile 0, when there is one tile."""
+    if ND == 1:
+        return d
+    else:
+        return tl.program_id(2) * BD + d
 
 
 @triton.jit
 def _fwd_kernel(
     X, W, PHI, sxb, sxh, sxt, spb, sph, spt, T, eps,
     HX: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BT: tl.constexpr,
+    BD: tl.constexpr, ND: tl.constexpr,
 ):
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hx = (pid_bh // HX).to(tl.int64), (pid_bh % HX).to(tl.int64)
     t = pid_t * BT + tl.arange(0, BT)
     t_ok = t < T
     t = t.to(tl.int64)  # row offsets t * stride reach past 2^31 at long contexts
-    d, f = tl.arange(0, D), tl.arange(0, F)
-    x = _tile(X + b * sxb + hx * sxh, t, t_ok, sxt, d)
+    d, f = tl.arange(0, BD), tl.arange(0, F)  # d: D tile 0
+    x_ptr = X + b * sxb + hx * sxh
+    x = _tile(x_ptr, t, t_ok, sxt, d)
     for g in range(GROUP):
         h = hx * GROUP + g
-        a, c = _softmax_pair(tl.dot(x, _weight(W, h, d, f, D, F, X.dtype.element_ty)))
+        a, c = _softmax_pair(_logits(x, _weight(W, h, d, f, D, F, X.dtype.element_ty), x_ptr, t, t_ok, sxt, W, h, f,
+                                     D, F, BD, ND))
         out = PHI + b * spb + h * sph + t[:, None] * spt + f[None, :]
         tl.store(out, tl.maximum(a, eps).to(PHI.dtype.element_ty), mask=t_ok[:, None])
         tl.store(out + F, tl.maximum(c, eps).to(PHI.dtype.element_ty), mask=t_ok[:, None])
@@ -99,22 +129,26 @@ def _fwd_kernel(
 def _bwd_dx_kernel(
     X, W, DPHI, DX, sxb, sxh, sxt, sgb, sgh, sgt, sdb, sdh, sdt, T, eps,
     HX: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BT: tl.constexpr,
+    BD: tl.constexpr, ND: tl.constexpr,
 ):
     pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
     b, hx = (pid_bh // HX).to(tl.int64), (pid_bh % HX).to(tl.int64)
     t = pid_t * BT + tl.arange(0, BT)
     t_ok = t < T
     t = t.to(tl.int64)
-    d, f = tl.arange(0, D), tl.arange(0, F)
+    d, f = tl.arange(0, BD), tl.arange(0, F)  # d: D tile 0
+    dd = _own_tile(d, BD, ND)  # this program's columns of dx
     DT = X.dtype.element_ty
-    x = _tile(X + b * sxb + hx * sxh, t, t_ok, sxt, d)
-    dx = tl.zeros([BT, D], dtype=tl.float32)
+    x_ptr = X + b * sxb + hx * sxh
+    x = _tile(x_ptr, t, t_ok, sxt, d)
+    dx = tl.zeros([BT, BD], dtype=tl.float32)
     for g in range(GROUP):
         h = hx * GROUP + g
         w = _weight(W, h, d, f, D, F, DT)
-        du = _grad_u(x, w, DPHI + b * sgb + h * sgh, t, t_ok, sgt, f, F, eps)
-        dx += tl.dot(du.to(DT), tl.trans(w))
-    tl.store(DX + b * sdb + hx * sdh + t[:, None] * sdt + d[None, :], dx.to(DX.dtype.element_ty),
+        dphi_ptr = DPHI + b * sgb + h * sgh
+        du = _grad_u(_logits(x, w, x_ptr, t, t_ok, sxt, W, h, f, D, F, BD, ND), dphi_ptr, t, t_ok, sgt, f, F, eps)
+        dx += tl.dot(du.to(DT), tl.trans(w if ND == 1 else _weight(W, h, dd, f, D, F, DT)))
+    tl.store(DX + b * sdb + hx * sdh + t[:, None] * sdt + dd[None, :], dx.to(DX.dtype.element_ty),
              mask=t_ok[:, None])
 
 
@@ -122,24 +156,28 @@ def _bwd_dx_kernel(
 def _bwd_dw_kernel(
     X, W, DPHI, DW_PART, sxb, sxh, sxt, sgb, sgh, sgt, T, n_blocks, blocks_per_program, eps,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BT: tl.constexpr,
+    BD: tl.constexpr, ND: tl.constexpr,
 ):
     pid_s, h = tl.program_id(0), tl.program_id(1).to(tl.int64)
     hx = h // GROUP
-    d, f = tl.arange(0, D), tl.arange(0, F)
+    d, f = tl.arange(0, BD), tl.arange(0, F)  # d: D tile 0
+    dd = _own_tile(d, BD, ND)  # this program's rows of dW
     DT = X.dtype.element_ty
     w = _weight(W, h, d, f, D, F, DT)
     t_blocks = tl.cdiv(T, BT)
-    acc = tl.zeros([D, F], dtype=tl.float32)
+    acc = tl.zeros([BD, F], dtype=tl.float32)
     first = pid_s * blocks_per_program
     for block in range(first, tl.minimum(first + blocks_per_program, n_blocks)):  # token blocks of every row b
         b = (block // t_blocks).to(tl.int64)
         t = (block % t_blocks) * BT + tl.arange(0, BT)
         t_ok = t < T
         t = t.to(tl.int64)
-        x = _tile(X + b * sxb + hx * sxh, t, t_ok, sxt, d)
-        du = _grad_u(x, w, DPHI + b * sgb + h * sgh, t, t_ok, sgt, f, F, eps)
-        acc += tl.dot(tl.trans(x), du.to(DT))
-    tl.store(DW_PART + (pid_s * H + h) * D * F + d[:, None] * F + f[None, :], acc)
+        x_ptr = X + b * sxb + hx * sxh
+        x = _tile(x_ptr, t, t_ok, sxt, d)
+        dphi_ptr = DPHI + b * sgb + h * sgh
+        du = _grad_u(_logits(x, w, x_ptr, t, t_ok, sxt, W, h, f, D, F, BD, ND), dphi_ptr, t, t_ok, sgt, f, F, eps)
+        acc += tl.dot(tl.trans(x if ND == 1 else _tile(x_ptr, t, t_ok, sxt, dd)), du.to(DT))
+    tl.store(DW_PART + (pid_s * H + h) * D * F + dd[:, None] * F + f[None, :], acc)
 
 
 def _meta(x: torch.Tensor, weight: torch.Tensor) -> dict:
@@ -149,7 +187,14 @@ def _meta(x: torch.Tensor, weight: torch.Tensor) -> dict:
     # pipelined loop over a GQA group needed 240 KB of shared memory with 64 (the H100 has 227 KB),
     # and the backward's six fp32 [BT,F'] tiles would spill from registers: 32 there.
     # Eight warps: four met illegal memory accesses in the chunk attention kernels there.
-    return dict(GROUP=H // x.shape[1], D=D, F=F, BT=128 if F <= 64 else 32, num_warps=8)
+    BD = min(D, D_TILE)
+    meta = dict(GROUP=H // x.shape[1], D=D, F=F, BT=128 if F <= 64 else 32, BD=BD, ND=D // BD, num_warps=8)
+    if D > D_TILE:
+        # Each loop step loads two D tiles of x instead of one, and the three pipeline stages of its
+        # loads would need 270-400 KB of shared memory at F' <= 64 (ptxas, sm_90). 64 tokens (as many x
+        # values as 128 at D 128) in two stages need at most 160 KB, without spills. Not run on a GPU.
+        meta.update(BT=min(meta["BT"], 64), num_stages=2)
+    return meta
 
 
 def _dw_slices(n_blocks: int, heads: int, device: torch.device) -> int:
@@ -187,13 +232,13 @@ def hedgehog_feature_map_bwd(x: torch.Tensor, weight: torch.Tensor, dphi: torch.
     dx = dweight = None
     if need_dx:
         dx = torch.empty_strided(x.shape, x.stride(), device=x.device, dtype=x.dtype)
-        _bwd_dx_kernel[(triton.cdiv(T, meta["BT"]), B * HX)](
+        _bwd_dx_kernel[(triton.cdiv(T, meta["BT"]), B * HX, meta["ND"])](
             x, weight, dphi, dx, *bht_strides(x), *bht_strides(dphi), *bht_strides(dx), T, eps, HX=HX, **meta)
     if need_dweight:
         n_blocks = B * triton.cdiv(T, meta["BT"])
         slices = _dw_slices(n_blocks, H, x.device)
         partials = torch.empty(slices, H, D, F, device=x.device, dtype=torch.float32)
-        _bwd_dw_kernel[(slices, H)](
+        _bwd_dw_kernel[(slices, H, meta["ND"])](
             x, weight, dphi, partials, *bht_strides(x), *bht_strides(dphi), T, n_blocks,
             triton.cdiv(n_blocks, slices), eps, H=H, **meta)
         dweight = partials.sum(0)
@@ -214,8 +259,8 @@ class HedgehogFeatureMapFunction(torch.autograd.Function):
         return dx, None if dweight is None else dweight.to(weight.dtype), None
 
 
-def _kernel_dim(dim: int) -> bool:
-    return MIN_DIM <= dim <= MAX_DIM and not dim & (dim - 1)
+def _kernel_feature_dim(dim: int) -> bool:
+    return MIN_DIM <= dim <= MAX_FEATURE_DIM and not dim & (dim - 1)
 
 
 def _padded_dim(dim: int) -> int:
@@ -224,7 +269,7 @@ def _padded_dim(dim: int) -> int:
 
 def hedgehog_kernel_takes(head_dim: int, feature_dim: int) -> bool:
     """Whether the kernels take maps of this shape (the model falls back to PyTorch where not)."""
-    return 1 <= head_dim <= MAX_DIM and _kernel_dim(feature_dim)
+    return 1 <= head_dim <= MAX_HEAD_DIM and _kernel_feature_dim(feature_dim)
 
 
 def check_hedgehog_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -233,14 +278,14 @@ def check_hedgehog_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"expected x [B,Hx,T,D] and weight [H,D,F'] with Hx dividing H; got "
                          f"{tuple(x.shape)}, {tuple(weight.shape)}")
     D, F = weight.shape[1:]
-    if D > MAX_DIM:
-        raise ValueError(f"the fused Hedgehog kernel needs the head dim D to be at most {MAX_DIM} (its fp32 "
-                         f"tiles of the backward must fit in registers); got {D}: use the PyTorch feature map "
-                         "(attention.backend: torch)")
-    if not _kernel_dim(F):
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"the fused Hedgehog kernel needs the head dim D to be at most {MAX_HEAD_DIM} (padded to "
+                         f"a power of two, split into tiles of {D_TILE} above {D_TILE}); got {D}: use the PyTorch "
+                         "feature map (attention.backend: torch)")
+    if not _kernel_feature_dim(F):
         raise ValueError(f"the fused Hedgehog kernel needs the feature dim F' to be a power of two in "
-                         f"[{MIN_DIM}, {MAX_DIM}]; got {F}: use the PyTorch feature map "
-                         "(attention.backend: torch)")
+                         f"[{MIN_DIM}, {MAX_FEATURE_DIM}] (one tile, whose fp32 tiles of the backward must fit in "
+                         f"registers); got {F}: use the PyTorch feature map (attention.backend: torch)")
     if x.device != weight.device:
         raise ValueError(f"x and weight must be on one device; got {x.device}, {weight.device}")
     allowed = CUDA_DTYPES if x.device.type == "cuda" else (*CUDA_DTYPES, torch.float32)
@@ -260,9 +305,10 @@ def hedgehog_feature_map(
     """phi = max([softmax(x W_h), softmax(-x W_h)], eps) per query head h, reading x head h // (H // Hx).
 
     Differentiable in x (dx in x's dtype, summed over each group in fp32) and weight (fp32 sums
-    over B and T, returned in weight's dtype). D up to 128, zero-padded to a power of two >= 16
-    where it is not one (a copy of x); F' a power of two in [16, 128]; bf16/fp16 on CUDA, fp32 too
-    under TRITON_INTERPRET=1 on CPU. Any strides whose last is 1 are read in place.
+    over B and T, returned in weight's dtype). D up to 256, zero-padded to a power of two >= 16
+    where it is not one (a copy of x) and split into tiles of 128 above 128; F' a power of two in
+    [16, 128]; bf16/fp16 on CUDA, fp32 too under TRITON_INTERPRET=1 on CPU. Any strides whose last
+    is 1 are read in place.
     """
     check_hedgehog_inputs(x, weight)
     pad = _padded_dim(x.shape[-1]) - x.shape[-1]

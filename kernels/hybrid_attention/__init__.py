@@ -2,9 +2,9 @@
 
 `naive.py` is the quadratic oracle, `parallel.py` the chunked PyTorch form (CPU path and reference),
 `recurrent.py` the decode form, `chunk.py` the Triton training/prefill kernels (backward in
-`chunk_bwd.py`, shared block logic in `chunk_blocks.py`, per-chunk linear states from the scans in
-`chunk_state.py`, GQA sums of the key gradients in `group_sum.py`). Backends sit in `BACKENDS`;
-`hybrid_attention` dispatches to one.
+`chunk_bwd.py` and `chunk_bwd_query.py`, shared block logic and the D tiles of head dims above 128
+in `chunk_blocks.py`, per-chunk linear states from the scans in `chunk_state.py`, GQA sums of the
+key gradients in `group_sum.py`). Backends sit in `BACKENDS`; `hybrid_attention` dispatches to one.
 """
 from typing import Callable
 

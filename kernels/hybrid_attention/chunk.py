@@ -16,9 +16,11 @@ Dots take operands in the input dtype (bf16/fp16 on GPU) and accumulate in fp32;
 maxima, z and dz are fp32. fp32 inputs use tf32 dots on GPU and exact ones in the interpreter.
 
 D and F are tile dimensions, so the kernels take powers of two >= 16 (tl.arange, tl.dot); other
-head dims (8: stories260K, 80, 96: Phi-3) are zero-padded up to one by `hybrid_attention_chunk`.
-Zero columns of q, k, fq, fk add nothing to any dot product and zero columns of v give zero output
-columns, sliced away; the pad outside the autograd function slices the gradients back.
+dims (head dims 8: stories260K, 80, 96: Phi-3, 160, 192) are zero-padded up to one by
+`hybrid_attention_chunk`. Zero columns of q, k, fq, fk add nothing to any dot product and zero
+columns of v give zero output columns, sliced away; the pad outside the autograd function slices
+the gradients back. A padded D above 128 (256: Gemma-3) is split into tiles of 128 (`chunk_blocks`):
+the forward runs one program per (chunk, head, D tile of v and o). F is never split.
 """
 import torch
 import torch.nn.functional as F_
@@ -26,7 +28,8 @@ import triton
 import triton.language as tl
 
 from ..strides import bht_strides
-from .chunk_blocks import check_dtype, chunk_grid, chunk_program, chunk_size, kernel_meta, pair_masks
+from .chunk_blocks import (check_dtype, chunk_grid, chunk_program, chunk_size, d_tiles, dot_rest, kernel_meta,
+                           lead_tile, own_d_tile, pair_masks)
 from .chunk_bwd import hybrid_attention_chunk_bwd
 from .chunk_state import chunk_states_fwd
 from .naive import check_inputs
@@ -47,7 +50,10 @@ def _fwd_kernel(
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
     C: tl.constexpr, WINDOW: tl.constexpr, TERRACE: tl.constexpr,
     HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr, EVERY: tl.constexpr, LIN_FROM: tl.constexpr,
+    BD: tl.constexpr, ND: tl.constexpr,
 ):
+    """Program (chunk, (b, h), D tile t): columns d of o; the scores run over all of D in every tile's
+    program, and tile 0's stores the normaliser and the max."""
     n, pid_bh, b, h = chunk_program(H, GROUP)
     hk = h // GROUP
     q_ptr = Q + b * sqb + h * sqh
@@ -62,7 +68,8 @@ def _fwd_kernel(
     DT = Q.dtype.element_ty
 
     r = tl.arange(0, C)
-    d = tl.arange(0, D)
+    t, d = own_d_tile(BD, ND)  # this program's columns of v and o
+    d0 = tl.arange(0, BD)  # D tile 0 (all of D when ND == 1), where each contraction over D starts
     f = tl.arange(0, F)
     g = tl.load(GAMMA + h).to(tl.float32) if HAS_GAMMA else 1.0
     i = n * C + r  # query positions, also the keys of this chunk
@@ -76,11 +83,13 @@ def _fwd_kernel(
     p_prev = tl.zeros([C, C], dtype=tl.float32)
     m = tl.zeros([C], dtype=tl.float32)
     if WINDOW > 0:
-        qt = tl.load(q_ptr + i[:, None] * sqt + d[None, :], mask=q_ok[:, None], other=0.0)
-        k_cur = tl.load(k_ptr + i[:, None] * skt + d[None, :], mask=q_ok[:, None], other=0.0)
-        k_prev = tl.load(k_ptr + jp[:, None] * skt + d[None, :], mask=p_ok[:, None], other=0.0)
-        s_c = tl.where(win_c, tl.dot(qt, tl.trans(k_cur)) * scale, float("-inf"))
-        s_p = tl.where(win_p, tl.dot(qt, tl.trans(k_prev)) * scale, float("-inf"))
+        qt = tl.load(q_ptr + i[:, None] * sqt + d0[None, :], mask=q_ok[:, None], other=0.0)
+        k_cur = tl.load(k_ptr + i[:, None] * skt + d0[None, :], mask=q_ok[:, None], other=0.0)
+        k_prev = tl.load(k_ptr + jp[:, None] * skt + d0[None, :], mask=p_ok[:, None], other=0.0)
+        qk_c = dot_rest(tl.dot(qt, tl.trans(k_cur)), q_ptr, i, q_ok, sqt, k_ptr, i, q_ok, skt, BD, ND)
+        s_c = tl.where(win_c, qk_c * scale, float("-inf"))
+        qk_p = dot_rest(tl.dot(qt, tl.trans(k_prev)), q_ptr, i, q_ok, sqt, k_ptr, jp, p_ok, skt, BD, ND)
+        s_p = tl.where(win_p, qk_p * scale, float("-inf"))
         m = tl.maximum(tl.max(s_c, 1), tl.max(s_p, 1))
         m = tl.where(m > float("-inf"), m, 0.0)  # padded queries see no key
         p_cur = g * tl.exp(s_c - m[:, None])
@@ -109,8 +118,8 @@ def _fwd_kernel(
                 den += tl.sum(l_g, 1)
     den = tl.where(q_ok, den, 1.0)
     tl.store(o_ptr + i[:, None] * sot + d[None, :], (num / den[:, None]).to(O.dtype.element_ty), mask=q_ok[:, None])
-    tl.store(DEN + stat + i, den, mask=q_ok)
-    tl.store(MAX + stat + i, m, mask=q_ok)
+    tl.store(DEN + stat + i, den, mask=lead_tile(q_ok, t, ND))
+    tl.store(MAX + stat + i, m, mask=lead_tile(q_ok, t, ND))
 
 
 def hybrid_attention_chunk_fwd(q, k, v, fq, fk, gamma, window_size: int, terrace: bool, scale: float, chunk: int,
@@ -123,7 +132,7 @@ def hybrid_attention_chunk_fwd(q, k, v, fq, fk, gamma, window_size: int, terrace
     max_ = torch.empty_like(den)
     states, zs = chunk_states_fwd(fk, v, q.dtype, chunk, every) if fq is not None else (None, None)
     feats = (fq, fk) if fq is not None else (q, q)
-    _fwd_kernel[chunk_grid(triton.cdiv(T, chunk), B, H, k.shape[1])](
+    _fwd_kernel[chunk_grid(triton.cdiv(T, chunk), B, H, k.shape[1], d_tiles(D)[1])](
         q, k, v, *feats, states if states is not None else den, zs if zs is not None else den,
         gamma if gamma is not None else den, o, den, max_,
         *bht_strides(q), *bht_strides(k), *bht_strides(v), *bht_strides(o), *bht_strides(feats[0]),
@@ -146,9 +155,13 @@ class HybridAttentionChunkFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-# Largest D and F: beyond them the backward's fp32 tiles ([C, D], the [F, D] states) would not fit in
-# registers, and neither dim is tiled.
-MAX_HEAD_DIM, MAX_FEATURE_DIM = 128, 256
+# Largest D and F. D is padded to a power of two and, above 128, split into D tiles of 128 (so a
+# program holds the [C, 128] and [F, 128] tiles it holds at D 128); 256 is the widest head dim in use
+# (Gemma-3) and the widest the tests run. F is padded but never split: its fp32 [C, F] tiles must fit
+# in registers whole.
+MAX_HEAD_DIM, MAX_FEATURE_DIM = 256, 256
+DIM_LIMITS = {"head dim": "split into tiles of 128 above 128",
+              "feature dim": "not tiled: its fp32 tiles must fit in registers"}
 
 
 def chunk_refusal(head_dim: int, feature_dim: int | None, window_size: int, window: str,
@@ -159,8 +172,8 @@ def chunk_refusal(head_dim: int, feature_dim: int | None, window_size: int, wind
     why); an explicit `triton` raises with the same words."""
     for name, dim, top in (("head dim", head_dim, MAX_HEAD_DIM), ("feature dim", feature_dim or 1, MAX_FEATURE_DIM)):
         if not 1 <= dim <= top:
-            return (f"the triton backend needs the {name} to be in [1, {top}] (its fp32 tiles of the backward "
-                    f"must fit in registers); got {dim}")
+            return (f"the triton backend needs the {name} to be in [1, {top}] (padded to a power of two, "
+                    f"{DIM_LIMITS[name]}); got {dim}")
     try:
         check_dtype(device, dtype)
         chunk_size(window_size, window)
@@ -192,8 +205,8 @@ def hybrid_attention_chunk(
 ) -> torch.Tensor:  # [B,H,T,D] in q's dtype
     """Hybrid attention through the Triton kernels, differentiable in q, k, v, fq, fk and gamma.
 
-    D up to 128 and F up to 256, zero-padded to powers of two >= 16 where they are not (a copy of
-    the inputs); window kinds as in `chunk_size`.
+    D and F up to 256, zero-padded to powers of two >= 16 where they are not (a copy of the inputs),
+    D above 128 then split into tiles of 128 inside the kernels; window kinds as in `chunk_size`.
     """
     check_inputs(q, k, v, fq, fk, gamma, window_size)
     D = q.shape[-1]

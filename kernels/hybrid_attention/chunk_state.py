@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..strides import bht_strides
+from .chunk_blocks import d_tiles, rowdot_rest
 
 # The state tile of one scan program: F and D split in 64s, so a 128 x 128 state runs four programs.
 STATE_TILE = 64
@@ -119,17 +120,20 @@ def _state_bwd_kernel(
 
 
 @triton.jit
-def _delta_kernel(O, DO, DELTA, sob, soh, sot, T, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr):
-    """delta_i = do_i . o_i in fp32, per query."""
+def _delta_kernel(O, DO, DELTA, sob, soh, sot, T, H: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
+                  ND: tl.constexpr):
+    """delta_i = do_i . o_i in fp32, per query, over the ND tiles of D."""
     n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     i = n * C + tl.arange(0, C)
-    d = tl.arange(0, D)
+    d = tl.arange(0, BD)
     ok = i < T
-    offsets = b * sob + h * soh + i[:, None] * sot + d[None, :]
+    head = b * sob + h * soh
+    offsets = head + i[:, None] * sot + d[None, :]
     o = tl.load(O + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh.to(tl.int64) * T + i, tl.sum(o * do, 1), mask=ok)
+    delta = DELTA + pid_bh.to(tl.int64) * T + i
+    tl.store(delta, rowdot_rest(tl.sum(o * do, 1), O + head, DO + head, i, ok, sot, BD, ND), mask=ok)
 
 
 def _scan(kernel, args: tuple, BH: int, F: int, D: int, **meta) -> None:
@@ -163,7 +167,9 @@ def chunk_delta(o: torch.Tensor, do: torch.Tensor, chunk: int) -> torch.Tensor:
     """o, do [B,H,T,D] with equal strides -> delta [B,H,T] fp32."""
     B, H, T, D = o.shape
     delta = torch.empty(B, H, T, device=o.device, dtype=torch.float32)
-    _delta_kernel[(triton.cdiv(T, chunk), B * H)](o, do, delta, *bht_strides(o), T, H=H, D=D, C=chunk, num_warps=4)
+    BD, ND = d_tiles(D)
+    _delta_kernel[(triton.cdiv(T, chunk), B * H)](o, do, delta, *bht_strides(o), T, H=H, C=chunk, BD=BD, ND=ND,
+                                                   num_warps=4)
     return delta
 
 

@@ -2,6 +2,7 @@
 
 One hybrid attention; every variant (window kind and size, feature map, baselines) is a value here.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -10,6 +11,12 @@ from kernels.hybrid_attention import WINDOW_KINDS
 
 from ..params import ParamsBlock
 from .feature_maps import FEATURE_MAPS
+
+
+# what only one branch reads: the softmax window's shape, the linear branch's feature maps (init_gamma,
+# the mix of the two, is read only when both are there)
+WINDOW_FIELDS = ("window", "window_size")
+LINEAR_FIELDS = ("feature_map", "feature_dim", "feature_init")
 
 
 @dataclass
@@ -36,6 +43,17 @@ class HybridConfig(ParamsBlock):
         self.require(self.window_size > 0, "window_size", "must be a positive number of tokens")
         self.require(self.feature_dim > 0, "feature_dim", "must be positive")
         self.require(0.0 < self.init_gamma < 1.0, "init_gamma", "must lie strictly between 0 and 1")
+
+    def for_mode(self, mode: str | None) -> "HybridConfig":
+        """This config in `mode` (None: its own), with every field that mode does not read at its default.
+
+        Two configs that build the same layer are then equal: a linear-only model does not change, and its
+        stages (which depend on this, through `scoped_attention`) do not rerun, when the window does."""
+        config = dataclasses.replace(self, mode=mode or self.mode)
+        unread = ((() if config.uses_window else WINDOW_FIELDS) + (() if config.uses_linear else LINEAR_FIELDS)
+                  + (() if config.uses_window and config.uses_linear else ("init_gamma",)))
+        defaults = HybridConfig()
+        return dataclasses.replace(config, **{name: getattr(defaults, name) for name in unread})
 
     @property
     def uses_window(self) -> bool:

@@ -9,7 +9,9 @@ A forward pre-hook on each attention module shows its `hybrid` the `HybridCache`
 call (transformers does not pass the cache to attention functions; see cache.py), and one on the
 model lays out a fresh `HybridCache` for its layers (`HybridCache.fit`: conv/SSM layers keep
 transformers' own state classes).
-A linearized model is saved as its new weights only (safetensors) plus `hybrid_config.json`.
+A linearized model is saved as its new weights only (safetensors), `config.json` (model_type `lolcats`:
+the teacher by a stable id and the HybridConfig; `pipeline.auto` registers it with transformers' Auto
+classes) and the teacher's tokenizer.
 """
 import dataclasses
 import json
@@ -21,7 +23,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from ..io import atomic_write, atomic_write_json, file_digest
-from ..teacher import load_teacher
+from ..params import ConfigError
+from ..teacher import check_teacher, load_teacher, load_tokenizer, teacher_reference
 from .attention import HybridAttention, hybrid_attention_forward
 from .cache import HybridCache
 from .config import HybridConfig
@@ -29,8 +32,8 @@ from .support import probe_attention_sites, refusal
 
 ATTN_IMPLEMENTATION = "lolcats_hybrid"
 WEIGHTS_FILE = "hybrid_attention.safetensors"
-CONFIG_FILE = "hybrid_config.json"
-
+CONFIG_FILE = "config.json"  # transformers' name: AutoConfig reads it (`pipeline.auto` registers the type)
+MODEL_TYPE = "lolcats"
 
 
 def causal_padding_mask(*args, local_size: int | None = None, **kwargs):
@@ -98,11 +101,27 @@ def linearize(model: PreTrainedModel, config: HybridConfig) -> PreTrainedModel:
         site.module.register_forward_pre_hook(_show_cache, with_kwargs=True)
         site.module.register_forward_hook(_hide_cache, with_kwargs=True, always_call=True)
     model.register_forward_pre_hook(_fit_cache, with_kwargs=True)
+    _hybrid_cache_by_default(model)
     if config.linearize == "all":  # every layer is global now: the stock KV cache must keep every key
         _drop_sliding_windows(model.config.get_text_config())
     model.lolcats_hybrid_config = config
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
+
+
+def _hybrid_cache_by_default(model: PreTrainedModel) -> None:
+    """`generate()` without a cache gets a `HybridCache` (constant memory) where transformers would make a
+    `DynamicCache`; a cache passed in, `cache_implementation` or `use_cache=False` are left to transformers."""
+    stock = model._prepare_cache_for_generation
+
+    def prepare(generation_config, model_kwargs: dict, *args, **kwargs):
+        if (model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
+                and generation_config.cache_implementation is None):
+            model_kwargs["past_key_values"] = HybridCache()
+            return None
+        return stock(generation_config, model_kwargs, *args, **kwargs)
+
+    model._prepare_cache_for_generation = prepare
 
 
 # a local layer type -> its global one ("hybrid_sliding": attention beside a conv/SSM mixer, over a window)
@@ -132,14 +151,20 @@ def hybrid_config(model: PreTrainedModel) -> HybridConfig:
 
 
 def save_linearized(model: PreTrainedModel, folder: str | Path, teacher_source: str) -> None:
-    """Write the new weights and the config that rebuilds them; files land whole or not at all."""
+    """Write the new weights, the config that rebuilds them and the teacher's tokenizer; files land
+    whole or not at all."""
     config = hybrid_config(model)
+    if getattr(model, "lolcats_lora_merged", False):
+        raise ValueError("this model's LoRA is merged into the teacher's weights, which a saved folder does not "
+                         "hold: load it with merge_lora=False and save it with pipeline.lora.save_student")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.contiguous().cpu() for name, t in hybrid_state_dict(model).items()}
-    meta = {"teacher_source": teacher_source, "attention": config.to_dict()}
+    meta = {"architectures": ["LolcatsForCausalLM"], "model_type": MODEL_TYPE, **teacher_reference(teacher_source),
+            "attention": config.to_dict()}
     atomic_write(folder / WEIGHTS_FILE, lambda path: save_file(tensors, path))
-    atomic_write_json(folder / CONFIG_FILE, meta)
+    load_tokenizer(teacher_source).save_pretrained(folder)
+    atomic_write_json(folder / CONFIG_FILE, meta)  # last: a folder with its config is complete
 
 
 def linearized_digest(folder: str | Path) -> str:
@@ -147,12 +172,33 @@ def linearized_digest(folder: str | Path) -> str:
     return file_digest(Path(folder) / WEIGHTS_FILE)
 
 
-def load_linearized(folder: str | Path, teacher_source: str | None = None, dtype: torch.dtype = torch.float32,
+def saved_config(folder: str | Path) -> dict:
+    """The config.json of a folder `save_linearized` wrote; a clear error for any other folder."""
+    path = Path(folder) / CONFIG_FILE
+    meta = json.loads(path.read_text()) if path.is_file() else {}
+    if meta.get("model_type") != MODEL_TYPE:
+        legacy = " (it holds hybrid_config.json: written before config.json; run `dvc repro` anew)" if (
+            Path(folder) / "hybrid_config.json").is_file() else ""
+        raise ConfigError(f"{folder}: not a saved linearized model (no {CONFIG_FILE} of model_type {MODEL_TYPE!r}){legacy}")
+    return meta
+
+
+def is_saved_linearized(folder: str | Path) -> bool:
+    path = Path(folder) / CONFIG_FILE
+    return path.is_file() and json.loads(path.read_text()).get("model_type") == MODEL_TYPE
+
+
+def load_linearized(folder: str | Path, teacher_source: str | None = None, dtype: torch.dtype | str | None = None,
                     device: torch.device | str = "cpu") -> PreTrainedModel:
-    """Teacher (from `teacher_source`, default the one recorded) + swap + the saved hybrid weights."""
+    """Teacher (from `teacher_source`, default the one recorded, checked) + swap + the saved hybrid weights.
+
+    `dtype`: the teacher's; None loads it in fp32 (the CPU default's precision)."""
     folder = Path(folder)
-    meta = json.loads((folder / CONFIG_FILE).read_text())
-    model = load_teacher(teacher_source or meta["teacher_source"], dtype, device)
+    meta = saved_config(folder)
+    if teacher_source is None:
+        teacher_source = meta["teacher_source"]
+        check_teacher(teacher_source, meta.get("teacher_sha256"), folder)
+    model = load_teacher(teacher_source, torch.float32 if dtype is None else dtype, device)
     model = linearize(model, HybridConfig(**meta["attention"]))
     weights = load_file(str(folder / WEIGHTS_FILE), device=str(device))
     expected = set(hybrid_state_dict(model))

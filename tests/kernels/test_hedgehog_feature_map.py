@@ -16,13 +16,16 @@ from pipeline.hybrid.feature_maps import FEATURE_MAPS, PHI_EPS, HedgehogFeatureM
 from tests.assertions import TOLERANCE, assert_close
 
 # (B, H, Hx, T, D, F'): GQA groups 1-4 (Hx = H: queries), T ragged against the token block (128
-# tokens, 32 at F' = 128), one to three blocks per row.
+# tokens, 32 at F' = 128; at D 256, in two D tiles of 128, 64 and 32), one to three blocks per row.
 SHAPES = [
     pytest.param(1, 2, 2, 1, 16, 16, id="group1-T1"),
     pytest.param(2, 4, 2, 37, 16, 32, id="group2-T37"),
     pytest.param(1, 3, 1, 130, 32, 16, id="group3-T130"),
     pytest.param(2, 2, 2, 130, 32, 32, id="group1-T130"),
     pytest.param(1, 4, 1, 70, 16, 128, id="group4-T70-F128"),
+    pytest.param(1, 4, 2, 130, 256, 32, id="group2-T130-D256"),
+    pytest.param(1, 2, 2, 70, 256, 16, id="group1-T70-D256"),
+    pytest.param(1, 4, 1, 37, 256, 128, id="group4-T37-D256-F128"),
 ]
 
 
@@ -59,7 +62,8 @@ def test_kernel_matches_torch_map_values_and_gradients(B, H, Hx, T, D, F):
     compare(torch.randn(B, Hx, T, D, requires_grad=True), reference_map(H, D, F))
 
 
-@pytest.mark.parametrize("D", [8, 24, 80, 96])  # stories260K, -, -, Phi-3: padded to 16, 32, 128, 128
+# stories260K, -, -, Phi-3, -, -: padded to 16, 32, 128, 128, 256 and 256 (two D tiles)
+@pytest.mark.parametrize("D", [8, 24, 80, 96, 160, 192])
 def test_head_dims_off_the_tiles_are_padded_without_changing_values_or_gradients(D):
     """Keys (Hx = 2 of H = 4) as the model hands them over, a transposed view, over two token blocks."""
     x = torch.randn(1, 130, 2, D).transpose(1, 2).requires_grad_()
@@ -102,7 +106,7 @@ def test_half_precision_accumulates_in_fp32():
 
 @pytest.mark.parametrize("x_shape,weight_shape,match", [
     ((1, 2, 10, 16), (2, 16, 48), "feature dim F' to be a power of two"),  # zero logits would join the softmax
-    ((1, 2, 10, 256), (2, 256, 16), "head dim D to be at most 128"),  # Gemma
+    ((1, 2, 10, 257), (2, 257, 16), "head dim D to be at most 256"),  # Gemma-3's 256 runs in two D tiles
     ((1, 3, 10, 16), (4, 16, 16), "Hx dividing H"),
 ])
 def test_unsupported_inputs_are_refused_naming_the_torch_map(x_shape, weight_shape, match):
@@ -112,9 +116,9 @@ def test_unsupported_inputs_are_refused_naming_the_torch_map(x_shape, weight_sha
         assert "use the PyTorch feature map" in str(error.value)
 
 
-def test_the_kernel_takes_every_head_dim_up_to_128_and_feature_dims_that_are_powers_of_two():
-    assert all(hedgehog_kernel_takes(D, 64) for D in (1, 8, 24, 80, 96, 128))
-    assert not hedgehog_kernel_takes(256, 64)
+def test_the_kernel_takes_every_head_dim_up_to_256_and_feature_dims_that_are_powers_of_two():
+    assert all(hedgehog_kernel_takes(D, 64) for D in (1, 8, 24, 80, 96, 128, 160, 192, 256))
+    assert not hedgehog_kernel_takes(257, 64)
     assert not any(hedgehog_kernel_takes(96, F) for F in (8, 48, 256))
 
 

