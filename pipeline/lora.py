@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from .config import LoraRecoverConfig
 from .hybrid import load_linearized, save_linearized
-from .teacher import teacher_reference
+from .teacher import teacher_id
 from .io import atomic_dir
 from .perplexity import split_loss
 from .training import FitResult, LogFn, fit
@@ -72,7 +72,7 @@ def _stable_adapter_config(path: Path, teacher_source: str) -> None:
     config = json.loads(path.read_text())
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
-    config["base_model_name_or_path"] = teacher_reference(teacher_source)["teacher_source"]
+    config["base_model_name_or_path"] = teacher_id(teacher_source)
     path.write_text(json.dumps(config, indent=2, sort_keys=True))  # peft's own layout
 
 

@@ -82,13 +82,19 @@ def _check_hub_model(source: str) -> None:
 WEIGHT_PATTERNS = ("config.json", "*.safetensors", "*.bin")
 
 
+def teacher_id(source: str) -> str:
+    """The teacher's name that holds from any working folder: an embedded name or hub id as it is, a
+    local folder as its absolute path."""
+    return source if source in EMBEDDED_TEACHERS or not Path(source).is_dir() else str(Path(source).resolve())
+
+
 def teacher_reference(source: str) -> dict[str, str]:
-    """How a saved model names its teacher so that it loads from any working folder: {"teacher_source"}
-    for an embedded name or hub id; an absolute folder plus {"teacher_sha256"} for a local folder."""
+    """How a saved model names its teacher: {"teacher_source": teacher_id}, plus {"teacher_sha256"} of its
+    config and weights for a local folder."""
+    name = teacher_id(source)
     if source in EMBEDDED_TEACHERS or not Path(source).is_dir():
-        return {"teacher_source": source}
-    folder = Path(source).resolve()
-    return {"teacher_source": str(folder), "teacher_sha256": _weights_digest(folder)}
+        return {"teacher_source": name}
+    return {"teacher_source": name, "teacher_sha256": _weights_digest(Path(name))}
 
 
 def check_teacher(source: str, sha256: str | None, saved_in: Path) -> None:
