@@ -30,6 +30,8 @@ class AttentionShape:
 SHAPES: dict[str, AttentionShape] = {
     "llama3-8b": AttentionShape(heads=32, kv_heads=8, head_dim=128, feature_dim=64),
     "smollm2-135m": AttentionShape(heads=9, kv_heads=3, head_dim=64, feature_dim=64),  # the default teacher
+    "phi3-mini": AttentionShape(heads=32, kv_heads=32, head_dim=96, feature_dim=64),  # D not a power of two
+    "gemma3-4b": AttentionShape(heads=8, kv_heads=4, head_dim=256, feature_dim=64),  # D tiled by 128
 }
 SMOKE_SHAPES: dict[str, AttentionShape] = {"tiny": AttentionShape(heads=4, kv_heads=2, head_dim=16, feature_dim=8)}
 

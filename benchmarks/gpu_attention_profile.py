@@ -1,7 +1,7 @@
 """Where one forward+backward of the hybrid attention spends its time: device time per kernel.
 
 Usage (repo root): python -m benchmarks.gpu_attention_profile [--shapes llama3-8b] [--lengths 1024 32768]
-    [--tokens 32768] [--window terrace] [--backend triton] [--steps 5] [--out benchmarks/h100] [--smoke]
+    [--tokens 32768] [--window terrace] [--backend triton] [--steps 5] [--out DIR] [--smoke]
 Per (shape, T), B = tokens / T: the step (hybrid_attention on given fq, fk, then autograd.grad of
 every input against one upstream gradient) is timed whole, then run --steps times under
 torch.profiler; each kernel's self device time is divided by --steps. The kernel times are what
@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from kernels.hybrid_attention import hybrid_attention
 
 from .attention_inputs import SHAPES, SMOKE_SHAPES, WINDOW_SIZE, random_inputs
-from .gpu_common import DEFAULT_OUT, bench_ms, environment, release_memory, write_result
+from .gpu_common import results_dir, bench_ms, environment, release_memory, write_result
 
 KERNELS_KEPT = 15  # the largest, per case
 
@@ -63,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--window", default="terrace")
     parser.add_argument("--backend", default="triton")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps per case")
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--out", help="results folder (default: benchmarks/<this GPU>, e.g. benchmarks/h200)")
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU, torch backend")
     args = parser.parse_args()
     if args.smoke:
@@ -80,7 +80,7 @@ def main() -> None:
         for length in args.lengths:
             rows.append(profile_case(shape_name, length, args, device, dtype))
             release_memory(device)
-            path = write_result(args.out, "gpu_attention_profile", {
+            path = write_result(results_dir(args.out, device), "gpu_attention_profile", {
                 "environment": environment(device),
                 "settings": {"dtype": str(dtype), "window": args.window, "window_size": WINDOW_SIZE,
                              "backend": args.backend, "tokens": args.tokens, "steps": args.steps},

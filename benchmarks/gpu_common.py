@@ -9,6 +9,7 @@ way, becomes a short string in the results ("OOM", "error: ...") instead of endi
 import gc
 import importlib
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -22,8 +23,6 @@ import torch
 
 from pipeline.io import atomic_write_json
 
-DEFAULT_OUT = Path(__file__).parent / "h100"
-NOMINAL_H100_BANDWIDTH_TB_S = 3.0  # ~3.35 TB/s HBM3 on paper, ~3.0 reachable by a copy
 MIB = 2**20
 
 Measured = float | dict[str, float] | str | None  # a value, or why there is none ("OOM", "error: ...")
@@ -65,6 +64,20 @@ def environment(device: torch.device, extra_modules: Sequence[str] = ()) -> dict
     else:
         env["device"] = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     return env
+
+
+def device_slug(device: torch.device) -> str:
+    """The short name results are filed under: "h200" for "NVIDIA H200", "h100" for "NVIDIA H100 80GB
+    HBM3", "cpu" for the --smoke runs."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).removeprefix("NVIDIA ").strip()
+    return re.sub(r"[^a-z0-9]+", "-", name.split()[0].lower()).strip("-")
+
+
+def results_dir(out: str | None, device: torch.device) -> Path:
+    """--out when given, else benchmarks/<device slug>: a result is named after the device it ran on."""
+    return Path(out) if out is not None else Path(__file__).parent / device_slug(device)
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,10 +1,10 @@
 """One layer's decode step: our fused Triton step vs the PyTorch step, SDPA over a KV cache, fla's recurrent step.
 
-Usage (repo root): python -m benchmarks.gpu_decode [--contexts 1024 4096 32768 131072] [--out benchmarks/h100]
-    [--smoke]
+Usage (repo root): python -m benchmarks.gpu_decode [--contexts 1024 4096 32768 131072] [--shape llama3-8b]
+    [--out DIR] [--smoke]
 First a correctness check: the Triton step against the PyTorch ring step on this device, bf16 and
 fp32, both window kinds, over steps that evict keys into S; the script exits nonzero if it fails.
-Then, per context length, batch 1, the llama3-8b layer shape (H 32, Hkv 8, D 128, F 128, w 64):
+Then, per context length, batch 1, the --shape layer (default llama3-8b: H 32, Hkv 8, D 128, F 128, w 64):
   ours_kernel        fused_recurrent_hybrid_attention (one kernel + the position increment)
   ours_kernel_graph  the same call replayed from a CUDA graph: GPU time without launch overhead
   ours_layer         + phi_q, phi_k and gamma, i.e. all a HybridCache decode step does per layer
@@ -30,7 +30,7 @@ from kernels.hybrid_attention import (RingState, fill_ring_state, fused_recurren
                                       hybrid_attention_ring_step, ring_size)
 
 from .attention_inputs import SHAPES, SMOKE_SHAPES, WINDOW_SIZE, AttentionShape, hybrid_module, random_inputs
-from .gpu_common import DEFAULT_OUT, MIB, Measured, bench_ms, environment, format_table, guarded, ratio, \
+from .gpu_common import results_dir, MIB, Measured, bench_ms, environment, format_table, guarded, ratio, \
     relative_error, release_memory, synchronize, write_result
 
 # Measured earlier on an H100 at batch 1, llama3-8b layer shape (ms per step).
@@ -177,14 +177,15 @@ def time_fla(fla: Callable, shape: AttentionShape, dtype: torch.dtype, device: t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 32768, 131072])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--windows", nargs="+", default=["terrace", "sliding"], choices=["terrace", "sliding"])
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--out", help="results folder (default: benchmarks/<this GPU>, e.g. benchmarks/h200)")
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU")
     args = parser.parse_args()
     if args.smoke:
         args.contexts = [64, 256]
     device = torch.device("cpu" if args.smoke else "cuda")
-    shape = SMOKE_SHAPES["tiny"] if args.smoke else SHAPES["llama3-8b"]
+    shape = SMOKE_SHAPES["tiny"] if args.smoke else SHAPES[args.shape]
     dtype = torch.float32 if args.smoke else torch.bfloat16
     triton_ok = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     fla, fla_error = load_fla()
@@ -203,7 +204,7 @@ def main() -> None:
             name = f"{str(check_dtype).removeprefix('torch.')}-{window}"
             result["correctness"][name] = check_step(shape, device, check_dtype, window)
             print(f"check {name}: {result['correctness'][name]}", flush=True)
-            write_result(args.out, "gpu_decode", result)
+            write_result(results_dir(args.out, device), "gpu_decode", result)
     passed = all(r["ok"] for r in result["correctness"].values() if isinstance(r, dict))
     result["correctness_passed"] = passed
     rows = result["timings_ms"]
@@ -212,8 +213,8 @@ def main() -> None:
             rows.append({"window": window, **time_context(shape, context, window, dtype, device, triton_ok, fla,
                                                           fla_error)})
             print(f"{window} {context}: {rows[-1]}", flush=True)
-            write_result(args.out, "gpu_decode", result)
-    path = write_result(args.out, "gpu_decode", result)
+            write_result(results_dir(args.out, device), "gpu_decode", result)
+    path = write_result(results_dir(args.out, device), "gpu_decode", result)
     print(f"wrote {path}")
     columns = ["window", "context", "ours_kernel", "ours_kernel_graph", "ours_layer", "ours_wall", "torch_step",
                "sdpa_kv_cache", "sdpa_wall", "fla_recurrent", "sdpa_kv_cache_over_ours", "sdpa_kv_cache_over_ours_graph",

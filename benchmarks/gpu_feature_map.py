@@ -1,7 +1,7 @@
 """Fused Hedgehog feature-map kernel vs the PyTorch map: bf16 correctness, then time, at a real layer shape.
 
 Usage (repo root): python -m benchmarks.gpu_feature_map [--shapes llama3-8b] [--lengths 1024 8192]
-    [--tokens 32768] [--out benchmarks/h100] [--smoke]
+    [--tokens 32768] [--out DIR] [--smoke]
 Every (shape, T) gets B = tokens / T and both inputs of a layer's maps: q (H heads, group 1) and k
 (Hkv heads, group H / Hkv), each a [B,T,Hx,D] tensor transposed to [B,Hx,T,D] as the model hands
 them over, with fp32 master weights (Kaiming init x 4: sharper, trained-looking maps).
@@ -24,7 +24,7 @@ from kernels.feature_maps import hedgehog_feature_map
 from pipeline.hybrid.feature_maps import HedgehogFeatureMap
 
 from .attention_inputs import SHAPES, AttentionShape, triton_runs_on
-from .gpu_common import DEFAULT_OUT, Measured, bench_ms, environment, format_table, guarded, peak_memory_mib, \
+from .gpu_common import results_dir, Measured, bench_ms, environment, format_table, guarded, peak_memory_mib, \
     ratio, relative_error, release_memory, write_result
 
 SMOKE_SHAPES = {"tiny": AttentionShape(heads=4, kv_heads=2, head_dim=16, feature_dim=16)}  # the kernel's smallest dims
@@ -122,7 +122,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=32768, help="B*T of every case")
     parser.add_argument("--warmup-ms", type=float, default=25)
     parser.add_argument("--rep-ms", type=float, default=100)
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--out", help="results folder (default: benchmarks/<this GPU>, e.g. benchmarks/h200)")
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU")
     args = parser.parse_args()
     if args.smoke:
@@ -145,10 +145,10 @@ def main() -> None:
                              **row})
                 release_memory(device)
                 print(f"done {shape_name} T={length} {name}", flush=True)
-            path = write_result(args.out, "gpu_feature_map", report(device, dtype, args, rows))  # so far
+            path = write_result(results_dir(args.out, device), "gpu_feature_map", report(device, dtype, args, rows))  # so far
     failed = [f"{r['shape']}-T{r['length']}-{r['input']}" for r in rows  # an error or OOM fails; a skip does not
               if r["check"] != SKIPPED and not (isinstance(r["check"], dict) and r["check"]["passed"])]
-    path = write_result(args.out, "gpu_feature_map", report(device, dtype, args, rows, failed))
+    path = write_result(results_dir(args.out, device), "gpu_feature_map", report(device, dtype, args, rows, failed))
     print(f"wrote {path}")
     print(summary(rows))
     sys.exit(1 if failed else 0)

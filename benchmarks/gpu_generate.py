@@ -1,7 +1,7 @@
 """generate() tokens/s and peak memory of a Llama-3-8B-shaped model: HybridCache vs SDPA with its default cache.
 
 Usage (repo root): python -m benchmarks.gpu_generate [--batches 1 16 64] [--prompts 4096 32768]
-    [--new-tokens 64] [--prefill-backend auto|torch] [--out benchmarks/h100] [--smoke]
+    [--new-tokens 64] [--prefill-backend auto|torch] [--out DIR] [--smoke]
 The model has Llama 3 8B's config with random bf16 weights made on the GPU, linearized with the
 default `attention` block (terrace window 64, Hedgehog 64 -> F 128). The same model object runs
 both columns: `lolcats_hybrid` with a `HybridCache`, and `sdpa` with `DynamicCache(config)` (what
@@ -30,7 +30,7 @@ from kernels.hybrid_attention import BACKENDS, DECODE_BACKENDS
 from pipeline.hybrid import ATTN_IMPLEMENTATION, HybridCache, HybridConfig, linearize
 from pipeline.hybrid.attention import resolve_backend
 
-from .gpu_common import DEFAULT_OUT, MIB, environment, format_table, guarded, ratio, release_memory, \
+from .gpu_common import results_dir, MIB, environment, format_table, guarded, ratio, release_memory, \
     synchronize, write_result
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, nargs="+", default=[4096, 32768])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prefill-backend", choices=["auto", "torch"], default="auto")
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--out", help="results folder (default: benchmarks/<this GPU>, e.g. benchmarks/h200)")
     parser.add_argument("--smoke", action="store_true", help="a tiny fp32 model on CPU")
     args = parser.parse_args()
     if args.smoke:
@@ -169,8 +169,8 @@ def main() -> None:
             ours, sdpa = (row[c] if isinstance(row[c], dict) else {} for c in COLUMNS)
             row["speedup"] = ratio(ours.get("decode_tokens_per_s"), sdpa.get("decode_tokens_per_s"))
             rows.append(row)
-            write_result(args.out, "gpu_generate", result)  # after every row: a crash keeps what was measured
-    path = write_result(args.out, "gpu_generate", result)
+            write_result(results_dir(args.out, device), "gpu_generate", result)  # after every row: a crash keeps what was measured
+    path = write_result(results_dir(args.out, device), "gpu_generate", result)
     print(f"wrote {path}")
     table = []
     for row in rows:

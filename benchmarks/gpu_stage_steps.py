@@ -2,7 +2,7 @@
 and the conversion time those rates project for the 8B recipe.
 
 Usage (repo root): python -m benchmarks.gpu_stage_steps [--batch 8] [--seq-len 1024]
-    [--train-tokens 20000000] [--eval-tokens N] [--out benchmarks/h200] [--smoke]
+    [--train-tokens 20000000] [--eval-tokens N] [--out DIR] [--smoke]
 Speed does not depend on weight values, so random weights stand in for the real model. Every step
 is the pipeline's own code on one micro-batch of `--batch` chunks of `--seq-len` tokens:
   * teacher_forward: the teacher's forward without grad (lm-eval of the teacher, and what online
@@ -29,7 +29,7 @@ from pipeline.hybrid import HybridConfig, linearize
 from pipeline.lora import add_lora
 from pipeline.transfer import block_forward, transfer_mode
 
-from .gpu_common import DEFAULT_OUT, MIB, bench_ms, environment, format_table, guarded, peak_memory_mib, \
+from .gpu_common import results_dir, MIB, bench_ms, environment, format_table, guarded, peak_memory_mib, \
     release_memory, write_result
 from .gpu_generate import LLAMA3_8B, SMOKE_MODEL
 
@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--train-tokens", type=int, default=TRAIN_TOKENS)
     parser.add_argument("--eval-tokens", type=int, default=None, help="lm-eval tokens per model, if known")
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--out", help="results folder (default: benchmarks/<this GPU>, e.g. benchmarks/h200)")
     parser.add_argument("--smoke", action="store_true", help="a tiny fp32 model on CPU")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -141,7 +141,7 @@ def main() -> None:
         "weights_mib": round(sum(p.numel() * p.element_size() for p in model.parameters()) / MIB, 1),
         "steps": steps, "projection": projection(steps, args.train_tokens, args.eval_tokens),
     }
-    path = write_result(args.out, "gpu_stage_steps", result)
+    path = write_result(results_dir(args.out, device), "gpu_stage_steps", result)
     print(f"wrote {path}")
     rows = [{"step": name, **(cell if isinstance(cell, dict) else {"ms": cell})} for name, cell in steps.items()]
     print(format_table(rows, ["step", "ms", "tokens_per_s", "peak_mib"]))

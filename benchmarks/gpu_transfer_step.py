@@ -1,7 +1,7 @@
 """One attention-transfer step of a Llama-3-8B-shaped layer: tokens/s with the Triton kernel vs the reference.
 
 Usage (repo root): python -m benchmarks.gpu_transfer_step [--lengths 1024 8192] [--batches 32 2]
-    [--window terrace] [--out benchmarks/h100] [--smoke]
+    [--window terrace] [--out DIR] [--smoke]
 A step (../shared/design/lolcats.md §2) on random bf16 post-RoPE q, k, v (no grad: the projections
 are frozen): the teacher's softmax output without grad, the student's hybrid output, mse_factor x
 MSE(student, teacher), backward into the feature maps and window factors, an AdamW step with the
@@ -26,7 +26,7 @@ from pipeline.config import AttentionTransferConfig
 from pipeline.hybrid.attention import HybridAttention, TransferLosses
 
 from .attention_inputs import SHAPES, SMOKE_SHAPES, AttentionShape, hybrid_module, triton_runs_on
-from .gpu_common import DEFAULT_OUT, Measured, bench_ms, environment, format_table, guarded, peak_memory_mib, \
+from .gpu_common import results_dir, Measured, bench_ms, environment, format_table, guarded, peak_memory_mib, \
     ratio, release_memory, write_result
 
 BACKENDS = ("triton", "torch")
@@ -113,7 +113,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--teachers", nargs="+", choices=sorted(TEACHERS), default=list(TEACHERS))
     parser.add_argument("--warmup-ms", type=float, default=25)
     parser.add_argument("--rep-ms", type=float, default=200)
-    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--out", help="results folder (default: benchmarks/<this GPU>, e.g. benchmarks/h200)")
     parser.add_argument("--smoke", action="store_true", help="a tiny fp32 layer on CPU")
     args = parser.parse_args()
     if args.smoke:
@@ -154,7 +154,7 @@ def main() -> None:
         del q, k, v
         release_memory(device)
 
-    path = write_result(args.out, "gpu_transfer_step", {
+    path = write_result(results_dir(args.out, device), "gpu_transfer_step", {
         "environment": environment(device),
         "settings": {"shape": args.shape, **shape.__dict__, "dtype": str(dtype), "window": args.window,
                      "optimizer": "AdamW(lr, weight_decay) of attention-transfer defaults; fp32 master weights",

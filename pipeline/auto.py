@@ -24,7 +24,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
 from .hybrid import load_linearized
 from .hybrid.convert import MODEL_TYPE
-from .lora import ADAPTER_DIR, load_student
 
 # `from_pretrained` keywords that only say where or how to download: a local folder needs none of them
 HUB_KWARGS = {"cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder",
@@ -61,6 +60,8 @@ class LolcatsForCausalLM:
         folder = _local_folder(pretrained_model_name_or_path, kwargs)
         device = _one_device(device_map)
         dtype = dtype if dtype is not None else torch_dtype
+        from .lora import ADAPTER_DIR, load_student  # here: lora brings training's imports (datasets), which
+        # `import pipeline` must not need (the kernels and GPU benchmarks import it on a bare torch image)
         if (folder / ADAPTER_DIR).is_dir():
             model = load_student(folder, teacher, dtype, device)
             if not merge_lora:

@@ -8,8 +8,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 
@@ -29,3 +31,27 @@ def test_script_writes_its_json_with_the_command(script, tmp_path):
     assert result["command"].endswith(" ".join([f"benchmarks.{script}", *OPTIONS.get(script, []), "--smoke", "--out",
                                                 str(tmp_path)]))
     assert result["environment"]
+
+
+def test_results_are_named_after_the_device(monkeypatch):
+    from benchmarks import gpu_common
+
+    assert gpu_common.results_dir("some/dir", torch.device("cuda")) == Path("some/dir")  # --out wins
+    assert gpu_common.results_dir(None, torch.device("cpu")) == REPO / "benchmarks" / "cpu"
+    for name, slug in [("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-80GB", "a100-sxm4-80gb")]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert gpu_common.results_dir(None, torch.device("cuda")) == REPO / "benchmarks" / slug
+
+
+PIPELINE_ONLY = ("datasets", "mlflow", "dvc", "lm_eval", "gguf")  # what the bare GPU image lacks (KINDS.md)
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "gpu_stage_steps"])  # stage steps run training
+def test_kernel_scripts_need_no_pipeline_packages(script, tmp_path):
+    """The kernel benchmarks run on the GPU image as it is: `import pipeline` must not pull in datasets & co."""
+    for name in PIPELINE_ONLY:  # shadow each package with a module that fails on import
+        (tmp_path / f"{name}.py").write_text(f"raise ModuleNotFoundError('{name} is not on the GPU image')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]), TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--help"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
