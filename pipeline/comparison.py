@@ -3,9 +3,11 @@
 Gap closure = (student - baseline) / (teacher - baseline), the baseline being the same-compute
 linearization without attention transfer (`no_transfer`); recovery = student / teacher. A ratio whose
 denominator is not at least GAP_Z standard errors from zero (teacher and baseline not told apart on
-this many documents) is undetermined: reported as None, never as a number.
+this many documents) is undetermined: reported as None, never as a number. The linear-branch gains
+(long-context probes against the window-only baseline) follow the same GAP_Z rule.
 """
 import math
+import re
 from dataclasses import dataclass
 
 # benchmark -> the metric the paper reports for it (§5)
@@ -81,3 +83,52 @@ def compare(results: dict[str, dict[str, float]], teacher: str = "teacher",
                 "recovery": recovery(score, table[teacher][task]) if teacher in table else None,
             }
     return out
+
+
+# What the linear branch buys beyond the window (pipeline.probes): a model's probe score there against
+# the window-only baseline's, signed so that a positive gain means the model does better.
+PASSKEY_BIN = re.compile(r"passkey_acc_d(\d+)")  # accuracy at a target distance (tokens)
+POSITION_BIN = re.compile(r"position_loss_(\d+)_(\d+)")  # loss per token at positions [start, end)
+LINEAR_BRANCH_GAINS = {"linear_branch_gain": ("passkey_acc_beyond", 1),  # retrieval accuracy, higher is better
+                       "linear_branch_gain_loss": ("position_loss_beyond", -1)}  # per-token loss, lower is better
+
+
+def probe_bins(metrics: dict[str, float], pattern: re.Pattern) -> list[str]:
+    """The probe metric keys of one kind (passkey distances or position bins), in numeric order."""
+    keys = [k for k in metrics if pattern.fullmatch(k)]
+    return sorted(keys, key=lambda k: tuple(map(int, pattern.fullmatch(k).groups())))
+
+
+def reach(window_size: int) -> int:
+    """Tokens back from which a key lies outside the softmax window of either kind (terrace sees up to 2w-1)."""
+    return 2 * window_size
+
+
+def _pooled(metrics: dict[str, float], keys: list[str]) -> Score:
+    """The documents of several bins as one sample: their mean, and its stderr from the bins' stderrs."""
+    docs = [metrics[f"{k}_docs"] for k in keys]
+    total = sum(docs)
+    value = sum(n * metrics[k] for n, k in zip(docs, keys)) / total
+    return Score(value, math.sqrt(sum((n * metrics[f"{k}_stderr"]) ** 2 for n, k in zip(docs, keys))) / total)
+
+
+def beyond_window(metrics: dict[str, float], window_size: int) -> dict[str, Score]:
+    """passkey_acc_beyond and position_loss_beyond: the bins whose key, or whose first position, lies at
+    least `reach(window_size)` tokens back, pooled (check-params makes sure there are such bins)."""
+    far = reach(window_size)
+    passkey = [k for k in probe_bins(metrics, PASSKEY_BIN) if int(PASSKEY_BIN.fullmatch(k)[1]) >= far]
+    position = [k for k in probe_bins(metrics, POSITION_BIN) if int(POSITION_BIN.fullmatch(k)[1]) >= far]
+    if not passkey or not position:
+        raise ValueError(f"no probe lies {far} tokens back (2 x attention.window_size); "
+                         "raise prepare-probes.distances or position_bins")
+    return {"passkey_acc_beyond": _pooled(metrics, passkey), "position_loss_beyond": _pooled(metrics, position)}
+
+
+def linear_branch_gains(model: dict[str, Score], window_only: dict[str, Score]) -> dict[str, Score]:
+    """Per gain, sign x (model − window_only) of their `beyond_window` scores. The stderrs add in
+    quadrature, as for independent samples; both models score the same documents, so this errs wide."""
+    gains = {}
+    for name, (key, sign) in LINEAR_BRANCH_GAINS.items():
+        difference = model[key] - window_only[key]
+        gains[name] = Score(sign * difference.value, difference.stderr)
+    return gains

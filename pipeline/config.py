@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 
+from .comparison import reach
 from .hybrid.config import HybridConfig
 from .io import DataFileError
 from .params import ConfigError, ParamsBlock, build_block, build_entry
@@ -209,6 +210,28 @@ class LoraRecoverConfig(TrainingConfig):
 
 
 @dataclass
+class WindowDropout(ParamsBlock):
+    """Scheduled sliding-window dropout (SSD, arXiv 2510.05901) of one variant, per training stage.
+
+    Each training forward of a hybrid layer runs linear-only with this probability at the stage's first
+    update, decaying linearly to 0 at its last, so the linear branch cannot leave the work to the window.
+    """
+
+    BLOCK = "variants.window_dropout"
+
+    transfer: float = 0.0  # start probability in attention-transfer; 0 = off
+    lora: float = 0.0  # start probability in lora-recover; 0 = off
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            self.require(0 <= getattr(self, f.name) <= 1, f.name, "must lie in [0, 1]")
+
+    @property
+    def active(self) -> bool:
+        return self.transfer > 0 or self.lora > 0
+
+
+@dataclass
 class VariantConfig(ParamsBlock):
     """One entry of the `variants` block: a trained model the evaluation compares (§5, Table 6)."""
 
@@ -218,6 +241,21 @@ class VariantConfig(ParamsBlock):
     mode: Literal["hybrid", "window_only", "linear_only"] | None = None
     # false: the paper's no-transfer baseline, feature maps + window factors trained with LoRA instead
     transfer: bool = True
+    window_dropout: WindowDropout = field(default_factory=WindowDropout)  # off unless set
+
+    def __post_init__(self) -> None:
+        if self.mode is not None:  # null: check_params checks attention.mode
+            self.check_window_dropout(self.mode, "mode")
+        if self.window_dropout.transfer > 0 and not self.transfer:
+            raise ConfigError(f"{self.BLOCK}.window_dropout.transfer: attention-transfer trains nothing when "
+                              f"transfer is false; set it to 0 (window_dropout.lora still applies), "
+                              f"got {self.window_dropout.transfer!r}")
+
+    def check_window_dropout(self, mode: str, mode_key: str) -> None:
+        """Refuse dropping the window of a layer that is not a hybrid: it has no second branch to carry it."""
+        if self.window_dropout.active and mode != "hybrid":
+            raise ConfigError(f"{self.BLOCK}.window_dropout: needs a hybrid layer, but {mode_key} is {mode}; "
+                              f"set transfer and lora to 0 or use mode hybrid, got {self.window_dropout.to_dict()}")
 
 
 @dataclass
@@ -264,10 +302,45 @@ class LmEvalConfig(ParamsBlock):
                      f"must be null or at least ppl_seq_len ({self.ppl_seq_len}) tokens")
 
 
+@dataclass
+class ProbesConfig(ParamsBlock):
+    """Long-context probes scored by every lm-eval stage: passkey retrieval and per-position loss.
+
+    Documents are cut from WikiText-2 test articles with the teacher's tokenizer (`pipeline.probes`);
+    lengths and distances are in those tokens. The CPU default is small (18 passkeys of 320 tokens,
+    2 articles of 512): its figures show the mechanism, not a measurement to quote."""
+
+    BLOCK = "prepare-probes"
+
+    source: str = "../shared/data/wikitext2/test.jsonl"  # WikiText-2 test rows ({"text": ...} per line)
+    context_lengths: list[int] = field(default_factory=lambda: [320])  # passkey prompts' tokens (at most)
+    distances: list[int] = field(default_factory=lambda: [40, 160, 280])  # tokens from the key to the prompt's end
+    docs_per_cell: int = 6  # passkeys per (context length, distance) with distance < context length
+    key_digits: int = 5  # the pass key: a random number of this many digits
+    position_bins: list[int] = field(default_factory=lambda: [0, 64, 256, 512])  # bin edges; the last = tokens per article
+    position_docs: int = 2  # articles scored per bin (each at least the last edge long)
+    seed: int = 0  # picks keys, filler spans and articles
+
+    def __post_init__(self) -> None:
+        self.require(bool(self.source.strip()), "source", "must name the WikiText-2 test .jsonl")
+        for name in ("context_lengths", "distances", "position_bins"):
+            values = getattr(self, name)
+            self.require(len(values) > 0 and values == sorted(set(values)), name,
+                         "must be a non-empty list in increasing order without repeats")
+        self.require(self.distances[0] >= 1, "distances", "must be at least 1 token")
+        self.require(self.distances[0] < self.context_lengths[-1], "distances",
+                     f"need one below the longest context length ({self.context_lengths[-1]})")
+        self.require(self.docs_per_cell >= 2, "docs_per_cell", "must be at least 2 (a stderr needs two)")
+        self.require(1 <= self.key_digits <= 12, "key_digits", "must lie in [1, 12]")
+        self.require(self.position_bins[0] == 0 and len(self.position_bins) >= 2, "position_bins",
+                     "must start at 0 and have at least two edges")
+        self.require(self.position_docs >= 2, "position_docs", "must be at least 2 (a stderr needs two)")
+
+
 # Every block of params.yaml, in file order; `variants` holds named VariantConfig entries.
 PARAMS_BLOCKS: tuple[type[ParamsBlock], ...] = (
     TeacherConfig, ComputeConfig, HybridConfig, TrackingConfig, PrepareDataConfig, CacheTeacherAttnConfig,
-    AttentionTransferConfig, LoraRecoverConfig, LmEvalConfig)
+    AttentionTransferConfig, LoraRecoverConfig, ProbesConfig, LmEvalConfig)
 
 
 # the models evaluated beside the variants, under these names (metrics/lm_eval/<name>.json, MLflow, the report)
@@ -285,10 +358,17 @@ def check_params(params: dict) -> list[str]:
         raise ConfigError(f"{unknown[0]}: unknown params block; valid blocks are {sorted(known)}")
     for cls in PARAMS_BLOCKS:
         build_block(cls, params)
+    attention = build_block(HybridConfig, params)
     for name in params.get(VariantConfig.BLOCK) or {}:
         if name in (TEACHER, WINDOW_ONLY):
             raise ConfigError(f"{VariantConfig.BLOCK}.{name}: the name of a baseline the evaluation adds; rename it")
-        build_entry(VariantConfig, params, name)
+        variant = build_entry(VariantConfig, params, name)
+        if variant.mode is None:  # the variant builds attention.mode, which only this function sees with it
+            variant.check_window_dropout(attention.mode, "attention.mode")
+    probes, far = build_block(ProbesConfig, params), reach(attention.window_size)
+    if probes.distances[-1] < far or probes.position_bins[-2] < far:  # the report's gains need both
+        raise ConfigError(f"{ProbesConfig.BLOCK}: no probe lies {far} tokens back (2 x attention.window_size "
+                          f"{attention.window_size}); give distances and position_bins a bin from {far} on")
     return sorted(params)
 
 
@@ -312,4 +392,4 @@ def read_scoped_attention(path: str | Path) -> HybridConfig:
 
 
 __all__ = ["AttentionTransferConfig", "CacheTeacherAttnConfig", "ComputeConfig", "HybridConfig", "LmEvalConfig", "LoraRecoverConfig",
-           "PrepareDataConfig", "TeacherConfig", "TrackingConfig", "TrainingConfig", "VariantConfig"]
+           "PrepareDataConfig", "ProbesConfig", "TeacherConfig", "TrackingConfig", "TrainingConfig", "VariantConfig"]

@@ -1,4 +1,5 @@
-"""PNG figures of the report: per-layer transfer MSE, training curves, per-task accuracy bars."""
+"""PNG figures of the report: per-layer transfer MSE, training curves, per-task accuracy bars, probe lines."""
+import math
 from pathlib import Path
 
 import matplotlib
@@ -59,4 +60,15 @@ def task_bars(table: dict[str, dict[str, dict]], path: Path) -> Path:
     ax.set(ylabel="accuracy", title="lm-eval scores (error bars: stderr)")
     # below the axes: inside them the legend covered the error bars of the tallest bars
     ax.legend(fontsize=7, ncol=len(models), loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+    return _save(fig, path)
+
+
+def probe_lines(points: dict[str, list[tuple[float, float, float]]], xlabel: str, ylabel: str, path: Path) -> Path:
+    """One line per model through (x, value) with stderr bars; x on a log scale (distances, positions)."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for model, rows in points.items():
+        xs, ys, errors = zip(*rows)
+        ax.errorbar(xs, ys, yerr=[0 if math.isnan(e) else e for e in errors], marker="o", ms=3, capsize=2, label=model)
+    ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=7)
     return _save(fig, path)

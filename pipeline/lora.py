@@ -22,7 +22,7 @@ from .hybrid import load_linearized, save_linearized
 from .teacher import teacher_id
 from .io import atomic_dir
 from .perplexity import split_loss
-from .training import FitResult, LogFn, fit
+from .training import FitResult, LogFn, WindowDropoutSchedule, fit
 
 
 def add_lora(model: PreTrainedModel, cfg: LoraRecoverConfig, train_feature_maps: bool) -> PeftModel:
@@ -37,7 +37,8 @@ def add_lora(model: PreTrainedModel, cfg: LoraRecoverConfig, train_feature_maps:
 
 
 def recover(model: PeftModel, data: DatasetDict, cfg: LoraRecoverConfig, checkpoint: Path,
-            log_metrics: LogFn) -> FitResult:
+            log_metrics: LogFn, window_dropout: float = 0.0) -> FitResult:
+    """`window_dropout`: SSD's start probability over the updates (`WindowDropoutSchedule`); 0 = off."""
     train = data["train"]
     device = next(model.parameters()).device
 
@@ -49,8 +50,10 @@ def recover(model: PeftModel, data: DatasetDict, cfg: LoraRecoverConfig, checkpo
         return {"loss": model(ids, labels=labels).loss}
 
     named_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    return fit(named_params, loss, range(len(train)), lambda: split_loss(model, data["validation"]),
-               cfg, checkpoint, "lora-recover", log_metrics)
+    with WindowDropoutSchedule(model, window_dropout, cfg.seed) as dropout:
+        return fit(named_params, loss, range(len(train)),
+                   dropout.evaluating(lambda: split_loss(model, data["validation"])),
+                   cfg, checkpoint, "lora-recover", log_metrics, dropout.before_update)
 
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's name for it

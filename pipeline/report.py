@@ -15,7 +15,8 @@ import pandas as pd
 
 from . import figures
 from .config import TEACHER, WINDOW_ONLY
-from .comparison import GAP_Z, TASK_METRICS, ZERO_SHOT, Score, compare, determined, gaps
+from .comparison import GAP_Z, LINEAR_BRANCH_GAINS, PASSKEY_BIN, POSITION_BIN, TASK_METRICS, Score, beyond_window, \
+    compare, determined, gaps, linear_branch_gains, probe_bins, reach
 
 REFERENCE_MODELS = (TEACHER, WINDOW_ONLY)  # evaluated without training; the rest are variants
 ROWS = list(TASK_METRICS) + ["avg_zero_shot", "avg_all"]
@@ -37,16 +38,28 @@ class PipelineResults:
     transfer: dict[str, dict]
     lora: dict[str, dict]
     lm_eval: dict[str, dict]
+    window_size: int  # attention.window_size: which probes lie beyond the window
 
     @classmethod
-    def read(cls, metrics: Path) -> "PipelineResults":
+    def read(cls, metrics: Path, window_size: int) -> "PipelineResults":
         return cls(_read_json(metrics / "prepare_data.json"), _read_json(metrics / "cache_teacher_attn.json"),
                    _per_name(metrics / "attention_transfer"), _per_name(metrics / "lora_recover"),
-                   _per_name(metrics / "lm_eval"))
+                   _per_name(metrics / "lm_eval"), window_size)
 
     def ordered_models(self) -> list[str]:
         students = [m for m in self.lm_eval if m not in REFERENCE_MODELS]
         return [m for m in REFERENCE_MODELS if m in self.lm_eval] + students
+
+    def beyond(self) -> dict[str, dict[str, Score]]:
+        """Per model, its probe scores beyond the window (`comparison.beyond_window`)."""
+        return {m: beyond_window(self.lm_eval[m], self.window_size) for m in self.ordered_models()}
+
+    def gains(self) -> dict[str, dict[str, Score]]:
+        """Per model but window_only, its linear-branch gains over window_only; {} without window_only."""
+        if WINDOW_ONLY not in self.lm_eval:
+            return {}
+        beyond = self.beyond()
+        return {m: linear_branch_gains(beyond[m], beyond[WINDOW_ONLY]) for m in beyond if m != WINDOW_ONLY}
 
 
 def headline(results: PipelineResults) -> dict[str, float]:
@@ -69,6 +82,12 @@ def headline(results: PipelineResults) -> dict[str, float]:
         for key in ("wikitext2_ppl", "alpaca_val_ppl"):
             if key in results.lm_eval[model]:
                 out[f"{model}_{key}"] = results.lm_eval[model][key]
+    for model, per_gain in results.gains().items():
+        for name, gain in per_gain.items():
+            out |= {f"{model}_{name}": gain.value, f"{model}_{name}_stderr": gain.stderr}
+    for model, scores in (results.beyond() if results.gains() else {}).items():
+        for key, score in scores.items():
+            out |= {f"{model}_{key}": score.value, f"{model}_{key}_stderr": score.stderr}
     seq_len = results.prepare["train_tokens"] // max(results.prepare["train_chunks"], 1)
     for variant, metrics in results.transfer.items():
         out[f"{variant}_transfer_tokens"] = metrics["train_chunks_per_block"] * seq_len
@@ -91,6 +110,12 @@ def undetermined_gaps(metrics: dict[str, float]) -> list[str]:
     """The benchmarks whose gap closure the headline `metrics` leave undetermined (gap within GAP_Z stderrs)."""
     return [task for task in ROWS if f"gap_{task}" in metrics
             and not determined(Score(metrics[f"gap_{task}"], metrics[f"gap_{task}_stderr"]))]
+
+
+def undetermined_linear_branch_gains(metrics: dict[str, float]) -> list[str]:
+    """`<model>_<gain>` of the headline `metrics` whose gain lies within GAP_Z stderrs of zero."""
+    return [key for key in metrics if key.endswith(tuple(LINEAR_BRANCH_GAINS))
+            and not determined(Score(metrics[key], metrics[f"{key}_stderr"]))]
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -144,6 +169,8 @@ def document(results: PipelineResults, figure_paths: dict[str, Path], limits: di
                   "differ from the lm-eval column above, which scores fewer."),
             ("table", ["variant", "PPL@0 (before LoRA)", "after LoRA"],
              [[v, _fmt(m["val_ppl_start"], 2), _fmt(m["val_ppl"], 2)] for v, m in results.lora.items()])]
+    doc += probe_section(results)
+
     def speed(m: dict) -> list[str]:  # pipeline.throughput's figures of one stage
         memory = _fmt(m["peak_gpu_memory_gib"], 2) if "peak_gpu_memory_gib" in m else "— (CPU)"
         return [_fmt(m["tokens_per_s"], 0) if "tokens_per_s" in m else "—", memory, _fmt(m.get("wall_time_s"), 1)]
@@ -161,6 +188,47 @@ def document(results: PipelineResults, figure_paths: dict[str, Path], limits: di
     doc.append(("h", 2, "Figures"))
     doc += [("img", path, caption) for caption, path in figure_paths.items()]
     return doc
+
+
+def probe_section(results: PipelineResults) -> list[Block]:
+    """Passkey accuracy by distance, loss by position, and the linear-branch gains over window_only."""
+    models = results.ordered_models()
+    scored, beyond = {m: results.lm_eval[m] for m in models}, results.beyond()
+    first, far = scored[models[0]], reach(results.window_size)
+
+    def row(label: str, docs: float, scores: list[Score]) -> list[str]:
+        return [label, f"{docs:.0f}"] + [f"{x.value:.3f} ± {x.stderr:.3f}" for x in scores]
+
+    def rows(pattern: re.Pattern, beyond_key: str, label) -> list[list[str]]:
+        keys = probe_bins(first, pattern)
+        out = [row(label(pattern.fullmatch(k).groups()), first[f"{k}_docs"],
+                   [Score(scored[m][k], scored[m][f"{k}_stderr"]) for m in models]) for k in keys]
+        docs = sum(first[f"{k}_docs"] for k in keys if int(pattern.fullmatch(k)[1]) >= far)
+        return out + [row(f"beyond ({far}+ back)", docs, [beyond[m][beyond_key] for m in models])]
+
+    blocks: list[Block] = [
+        ("h", 2, "Beyond the window: long-context probes"),
+        ("p", "The benchmarks above fit mostly inside the softmax window, so they cannot see the linear branch. "
+              "Passkey: a random number stated in WikiText-2 filler `d` tokens before the question, scored by "
+              "whether the greedy continuation is the number. Position loss: loss per token of WikiText-2 test "
+              f"articles by token position. `beyond`: {far} tokens back or more (2 x attention.window_size), "
+              "outside the window of either kind. The document counts set the stderrs: the CPU default's are "
+              "few on purpose (`prepare-probes` sizes them), so its probe figures show the mechanism only."),
+        ("table", ["passkey accuracy at distance", "documents"] + models,
+         rows(PASSKEY_BIN, "passkey_acc_beyond", lambda g: f"d {g[0]}")),
+        ("table", ["loss per token at positions", "documents"] + models,
+         rows(POSITION_BIN, "position_loss_beyond", lambda g: f"{g[0]}–{g[1]}")),
+    ]
+    gains = results.gains()
+    if gains:
+        blocks += [("p", "Linear-branch gain = model − window_only beyond the window (retrieval accuracy; for the "
+                         "loss, window_only − model, so positive is better either way). `undetermined`: within "
+                         f"{GAP_Z:g} stderrs of zero."),
+                   ("table", ["model"] + list(LINEAR_BRANCH_GAINS),
+                    [[m] + [f"{g.value:.3f} ± {g.stderr:.3f}" if determined(g) else
+                            f"undetermined ({g.value:.3f} ± {g.stderr:.3f})" for g in per.values()]
+                     for m, per in gains.items()])]
+    return blocks
 
 
 def _frame(block: Block) -> pd.DataFrame:
@@ -220,15 +288,31 @@ def draw_figures(results: PipelineResults, plots: Path, out: Path) -> dict[str, 
                                 out / "lora_loss.png"),
         "Scores per task with standard errors":
             figures.task_bars(compare({m: results.lm_eval[m] for m in models}), out / "task_scores.png"),
+        "Passkey retrieval accuracy against the key's distance":
+            figures.probe_lines({m: _probe_points(results.lm_eval[m], PASSKEY_BIN) for m in models},
+                                "distance from the key to the question (tokens)", "passkey accuracy",
+                                out / "passkey_accuracy.png"),
+        "Loss per token against position":
+            figures.probe_lines({m: _probe_points(results.lm_eval[m], POSITION_BIN) for m in models},
+                                "token position (bin middle)", "loss per token", out / "position_loss.png"),
     }
 
 
-def write_report(metrics: Path, plots: Path, out: Path,
-                 limits: dict[str, int | None]) -> tuple[dict[str, float], list[Path]]:
+def _probe_points(metrics: dict[str, float], pattern: re.Pattern) -> list[tuple[float, float, float]]:
+    """(x, value, stderr) per probe bin: the target distance, or a position bin's middle."""
+    points = []
+    for key in probe_bins(metrics, pattern):
+        edges = list(map(int, pattern.fullmatch(key).groups()))
+        points.append((sum(edges) / len(edges), metrics[key], metrics[f"{key}_stderr"]))
+    return points
+
+
+def write_report(metrics: Path, plots: Path, out: Path, limits: dict[str, int | None],
+                 window_size: int) -> tuple[dict[str, float], list[Path]]:
     """reports/report.md, reports/report.html and reports/figures/*.png; returns (headline metrics, files)."""
     from .io import atomic_write
 
-    results = PipelineResults.read(metrics)
+    results = PipelineResults.read(metrics, window_size)
     figure_paths = draw_figures(results, plots, out / "figures")
     doc = document(results, figure_paths, limits)
     markdown, page = out / "report.md", out / "report.html"

@@ -2,7 +2,8 @@
 
 AdamW; one update per `grad_accum` chunks, `batch_size` of them per forward; a validation pass every
 `eval_every` updates (and before the first one) steps ReduceLROnPlateau and keeps the best weights,
-which are restored at the end ("early stopping" is best-checkpoint selection, as upstream). Robustness is part of the loop:
+which are restored at the end ("early stopping" is best-checkpoint selection, as upstream). A caller's
+`before_update` hook runs before each update; `WindowDropoutSchedule` is one (SSD). Robustness is part of the loop:
   * a checkpoint (trainable tensors, optimizer, schedule, position, best weights, history) is written
     atomically after every validation pass; a restarted run continues from it and, since the data
     order is a function of (seed, epoch) alone, reaches the same weights as an uninterrupted run;
@@ -26,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from .config import TrainingConfig
+from .hybrid.attention import HybridAttention
 from .io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[list[int]], Mapping[str, torch.Tensor]]
 EvalFn = Callable[[], Mapping[str, float]]  # -> {"loss": validation loss, part: value, ...}
 LogFn = Callable[[Mapping[str, float], int], None]  # (step metrics, update)
+# (update about to run, from 0; updates this fit runs in all) -> step metrics logged with that update
+UpdateHook = Callable[[int, int], Mapping[str, float]]
 
 
 class TrainingFailure(RuntimeError):
@@ -62,8 +66,11 @@ class FitResult:
 
 
 def fit(named_params: Mapping[str, torch.nn.Parameter], loss_fn: LossFn, train_items: Sequence[int],
-        evaluate: EvalFn, cfg: TrainingConfig, checkpoint: Path, name: str, log_metrics: LogFn) -> FitResult:
-    """Train `named_params` in place; `name` (e.g. "layer 3") prefixes progress and error messages."""
+        evaluate: EvalFn, cfg: TrainingConfig, checkpoint: Path, name: str, log_metrics: LogFn,
+        before_update: UpdateHook | None = None) -> FitResult:
+    """Train `named_params` in place; `name` (e.g. "layer 3") prefixes progress and error messages.
+
+    `before_update` runs before each update's forwards (a resumed run calls it from where it resumes)."""
     params = list(named_params.values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -93,6 +100,7 @@ def fit(named_params: Mapping[str, torch.nn.Parameter], loss_fn: LossFn, train_i
         epoch, step = divmod(update, updates_per_epoch)
         order = _epoch_order(len(train_items), cfg.seed, epoch)
         batch = [train_items[i] for i in order[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
+        hook_metrics = before_update(update, total_updates) if before_update is not None else {}
         totals: dict[str, float] = {}
         for first in range(0, len(batch), cfg.batch_size):
             micro = batch[first:first + cfg.batch_size]  # one forward; its loss is the mean over it
@@ -109,8 +117,8 @@ def fit(named_params: Mapping[str, torch.nn.Parameter], loss_fn: LossFn, train_i
         optimizer.zero_grad(set_to_none=True)
         state["update"], state["items_seen"] = update + 1, state["items_seen"] + len(batch)
         state["train_curve"].append(dict(totals, update=state["update"]))
-        log_metrics(dict({f"train_{k}": v for k, v in totals.items()}, lr=optimizer.param_groups[0]["lr"]),
-                    state["update"])
+        log_metrics(dict({f"train_{k}": v for k, v in totals.items()}, lr=optimizer.param_groups[0]["lr"],
+                         **hook_metrics), state["update"])
         progress.set_postfix(loss=f"{totals['loss']:.4g}", lr=f"{optimizer.param_groups[0]['lr']:.2g}", refresh=False)
         progress.update()
         if state["update"] % cfg.eval_every == 0 or state["update"] == total_updates:
@@ -171,6 +179,61 @@ def _load(path: Path) -> dict | None:
         log.warning("%s: unreadable checkpoint (%s: %s), set aside as %s; training starts afresh",
                     path, type(e).__name__, str(e).split(". ")[0], aside)
         return None
+
+
+def window_dropout_at(start: float, update: int, total: int) -> float:
+    """SSD's probability at update `update` (from 0) of `total`: start * (1 - update / (total - 1)).
+
+    `start` at the first update, linearly down to exactly 0 at the last (update total - 1); a fit of one
+    update runs it at `start`."""
+    return start * (1 - update / max(total - 1, 1))
+
+
+class WindowDropoutSchedule:
+    """Scheduled sliding-window dropout (SSD, arXiv 2510.05901) over one `fit` of `model`.
+
+    Before each update `before_update` sets every hybrid layer's `window_dropout` to `window_dropout_at`
+    and re-seeds torch's default RNG from (seed, update), so the drops of an update do not depend on
+    what ran before: a resumed run drops what an uninterrupted one does. Layers draw only in training
+    mode, whatever mode the model around them is in (the teacher loads in eval mode; the hybrid layers
+    `linearize` adds start in training mode), so `before_update` puts the hybrid layers, and only them
+    (the teacher's own dropout stays off), in training mode, and `evaluating` wraps validation passes
+    to run them in eval mode, never dropped. Leaving the context puts p = 0 and the layers' modes back.
+    With start 0 it changes nothing at all: no mode switch, no seeding, no metric.
+    """
+
+    def __init__(self, model: torch.nn.Module, start: float, seed: int):
+        self.start, self.seed = start, seed
+        self.layers = [m for m in model.modules() if isinstance(m, HybridAttention)]
+        self.modes = [layer.training for layer in self.layers]
+
+    def __enter__(self) -> "WindowDropoutSchedule":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer, mode in zip(self.layers, self.modes):
+            layer.window_dropout = 0.0
+            layer.train(mode)
+
+    def before_update(self, update: int, total: int) -> dict[str, float]:
+        if self.start == 0:
+            return {}
+        probability = window_dropout_at(self.start, update, total)
+        torch.manual_seed(self.seed * 1_000_003 + update)
+        for layer in self.layers:
+            layer.window_dropout = probability
+            layer.train()
+        return {"window_dropout": probability}
+
+    def evaluating(self, evaluate: EvalFn) -> EvalFn:
+        if self.start == 0:
+            return evaluate
+
+        def in_eval_mode() -> Mapping[str, float]:
+            for layer in self.layers:
+                layer.eval()  # the next before_update switches them back
+            return evaluate()
+        return in_eval_mode
 
 
 CHECKPOINT_ROOT = Path(".cache/checkpoints")

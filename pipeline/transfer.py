@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from .config import AttentionTransferConfig
 from .hybrid.attention import TransferLosses
-from .training import FitResult, LogFn, TrainingFailure, fit
+from .training import FitResult, LogFn, TrainingFailure, WindowDropoutSchedule, fit
 from .teacher_states import TeacherStates
 from .throughput import throughput_metrics
 
@@ -81,14 +81,17 @@ def block_forward(model: PreTrainedModel, layers: range, hidden: torch.Tensor) -
 
 
 def train_block(block: int, states: TeacherStates, model: PreTrainedModel, cfg: AttentionTransferConfig,
-                checkpoint: Path, log_metrics: LogFn) -> BlockResult:
-    """Transfer one block of `model` (already linearized) from the cached states."""
+                checkpoint: Path, log_metrics: LogFn, window_dropout: float = 0.0) -> BlockResult:
+    """Transfer one block of `model` (already linearized) from the cached states.
+
+    `window_dropout`: SSD's start probability over this block's updates (`WindowDropoutSchedule`); 0 = off."""
     layers = states.blocks[block]
     weight = next(model.parameters())
     named_params = {n: p for n, p in model.named_parameters()
                     if p.requires_grad and any(f"layers.{i}.self_attn.hybrid." in n for i in layers)}
 
-    with transfer_mode(model, layers, with_xent=cfg.xent_factor > 0) as holders:
+    with (transfer_mode(model, layers, with_xent=cfg.xent_factor > 0) as holders,
+          WindowDropoutSchedule(model, window_dropout, cfg.seed) as dropout):
         def losses(split: str, indices: list[int]) -> dict[str, torch.Tensor]:
             block_forward(model, layers, states.read(block, split, indices).to(weight.device, weight.dtype))
             parts = {f"mse_layer_{i}": h.mse for i, h in zip(layers, holders)}
@@ -109,8 +112,8 @@ def train_block(block: int, states: TeacherStates, model: PreTrainedModel, cfg: 
             return sums
 
         result = fit(named_params, lambda indices: losses("train", indices), range(states.num_chunks("train")),
-                     evaluate, cfg, checkpoint, f"block {block} (layers {layers.start}-{layers.stop - 1})",
-                     log_metrics)
+                     dropout.evaluating(evaluate), cfg, checkpoint,
+                     f"block {block} (layers {layers.start}-{layers.stop - 1})", log_metrics, dropout.before_update)
     return BlockResult(block, list(layers), result,
                        mse_before={i: result.initial[f"mse_layer_{i}"] for i in layers},
                        mse_after={i: result.best[f"mse_layer_{i}"] for i in layers})
@@ -166,13 +169,15 @@ class TransferOutcome:
 
 
 def transfer_all_blocks(model: PreTrainedModel, states: TeacherStates, cfg: AttentionTransferConfig,
-                        checkpoints: Path, log_metrics: LogFn) -> TransferOutcome:
-    """Train every block in order (each resumes from its own checkpoint under `checkpoints`)."""
+                        checkpoints: Path, log_metrics: LogFn, window_dropout: float = 0.0) -> TransferOutcome:
+    """Train every block in order (each resumes from its own checkpoint under `checkpoints`); each block
+    runs SSD's schedule over its own updates from `window_dropout` (0 = off)."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     results = []
     for block in range(len(states.blocks)):
         def block_metrics(metrics, step, block=block):
             log_metrics({f"block_{block:02d}_{k}": v for k, v in metrics.items()}, step)
-        results.append(train_block(block, states, model, cfg, checkpoints / f"block_{block:03d}.pt", block_metrics))
+        results.append(train_block(block, states, model, cfg, checkpoints / f"block_{block:03d}.pt", block_metrics,
+                                   window_dropout))
         log.info("%s", results[-1].summary())
     return TransferOutcome(results)

@@ -41,8 +41,9 @@ def main() -> None:
         states = TeacherStates.open(args.states, load_prepared(args.data), model.get_input_embeddings())
         with resumable(checkpoint_dir("attention-transfer", args.variant, {
                 "blocks": [teacher.to_dict(), compute.to_dict(), attention.to_dict(), cfg.to_dict()],
-                "states": states.manifest})) as checkpoints:
-            outcome = transfer_all_blocks(model, states, cfg, checkpoints, run.log_step_metrics)
+                "window_dropout": variant.window_dropout.transfer, "states": states.manifest})) as checkpoints:
+            outcome = transfer_all_blocks(model, states, cfg, checkpoints, run.log_step_metrics,
+                                          variant.window_dropout.transfer)
             run.set_tag("unimproved_blocks", ",".join(map(str, outcome.unimproved_blocks)) or "none")
             outcome.check_improvement(cfg.max_unimproved_frac, checkpoints)
 

@@ -33,7 +33,8 @@ def main() -> None:
         with resumable(checkpoint_dir("lora-recover", args.variant, {
                 "blocks": [teacher.to_dict(), compute.to_dict(), cfg.to_dict(), variant.to_dict()],
                 "transfer": linearized_digest(args.transfer)})) as checkpoints:
-            result = recover(model, data, cfg, checkpoints / "lora.pt", run.log_step_metrics)
+            result = recover(model, data, cfg, checkpoints / "lora.pt", run.log_step_metrics,
+                             variant.window_dropout.lora)
             save_student(model, args.out, teacher.source)
             atomic_write_csv(Path(args.plots) / "loss.csv", result.curve_rows())
             seq_len = len(data["train"][0]["input_ids"])

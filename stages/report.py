@@ -2,15 +2,16 @@
 
 ../shared/design/lolcats.md §5-§6. Closes this execution's MLflow parent run, which then carries the
 headline metrics beside every param of params.yaml, the report and its figures as artifacts, and the
-tag `gap_closure_undetermined` (the benchmarks whose teacher and baseline are indistinguishable).
+tags `gap_closure_undetermined` (the benchmarks whose teacher and baseline are indistinguishable) and
+`linear_branch_gain_undetermined` (the models whose gain over window_only is inside its noise).
 Usage: python -m stages.report METRICS_DIR PLOTS_DIR REPORT_DIR METRICS_JSON
 """
 import argparse
 from pathlib import Path
 
 from pipeline import tracking
-from pipeline.config import LmEvalConfig, TrackingConfig
-from pipeline.report import undetermined_gaps, write_report
+from pipeline.config import HybridConfig, LmEvalConfig, TrackingConfig
+from pipeline.report import undetermined_gaps, undetermined_linear_branch_gains, write_report
 from pipeline.stage import load_blocks, run_stage
 
 
@@ -19,15 +20,17 @@ def main() -> None:
     for name in ("metrics_dir", "plots_dir", "out", "metrics"):
         parser.add_argument(name)
     args = parser.parse_args()
-    lm_eval, track = load_blocks(LmEvalConfig, TrackingConfig)
+    lm_eval, attention, track = load_blocks(LmEvalConfig, HybridConfig, TrackingConfig)
 
     with tracking.stage_run("report", [lm_eval], track, closes_pipeline=True) as run:
         headline, files = write_report(Path(args.metrics_dir), Path(args.plots_dir), Path(args.out),
-                                       lm_eval.limit.to_dict())
+                                       lm_eval.limit.to_dict(), attention.window_size)
         run.log_metrics(headline, args.metrics)
         run.log_pipeline_metrics(headline)
         # a reader of the parent run sees why a gap closure is missing
         run.set_pipeline_tag("gap_closure_undetermined", ", ".join(undetermined_gaps(headline)) or "none")
+        run.set_pipeline_tag("linear_branch_gain_undetermined",
+                             ", ".join(undetermined_linear_branch_gains(headline)) or "none")
         for path in files:
             folder = path.parent.relative_to(args.out).as_posix()  # figures/ stays a folder
             for log in (run.log_artifact, run.log_pipeline_artifact):

@@ -19,13 +19,14 @@ SHARED_READS = {
     "check-params": {},  # every block, through its dependency on the whole of params.yaml
     "resolve-source": {"prepare-data": ["source"]},
     "prepare-data": {"teacher": ["source"]},
+    "prepare-probes": {"teacher": ["source"]},
     "cache-teacher-attn": {"teacher": ["source"], "compute": "all"},
     "attention-transfer": {"teacher": ["source"], "compute": "all"},  # attention: its data/attention file
     "lora-recover": {"teacher": ["source"], "compute": "all"},
     "lm-eval-teacher": {"teacher": ["source"], "compute": "all"},
     "lm-eval-window-only": {"teacher": ["source"], "compute": "all"},  # attention: its data/attention file
     "lm-eval": {"teacher": ["source"], "compute": "all"},
-    "report": {"lm-eval": ["limit"]},
+    "report": {"lm-eval": ["limit"], "attention": ["window_size"]},  # the window: which probes lie beyond it
 }
 # stages that run another stage's script (and so read its params block), by that stage's name
 SCRIPT_OF = {"lm-eval-teacher": "lm-eval", "lm-eval-window-only": "lm-eval"}

@@ -26,6 +26,7 @@ TINY = {
     "prepare-data": {"seq_len": 128, "val_rows": 20, "max_train_tokens": 512, "max_val_tokens": 256},
     "attention-transfer": {"epochs": 1, "eval_every": 2},
     "lora-recover": {"max_updates": 2, "eval_every": 1},
+    "prepare-probes": {"context_lengths": [96], "distances": [40], "docs_per_cell": 2, "position_bins": [0, 32, 96]},
     "lm-eval": {"limit": {"piqa": 2, "arc_easy": 2, "arc_challenge": 2, "hellaswag": 2, "winogrande": 2, "mmlu": 1},
                 "mmlu_shots": 0, "ppl_seq_len": 128, "ppl_max_tokens": 256},
 }
@@ -76,10 +77,11 @@ def test_repro_then_an_ablation_give_two_comparable_mlflow_rows(tiny_repo):
     run([sys.executable, "-m", "dvc", "repro"], repo, env)
     report = json.loads((repo / "metrics" / "report.json").read_text())
     for key in ("teacher_mmlu", "lolcats_mmlu", "no_transfer_avg_zero_shot", "window_only_piqa",
-                "lolcats_ppl_at_0", "no_transfer_ppl_at_0", "lolcats_wikitext2_ppl", "wall_time_s_total"):
+                "lolcats_ppl_at_0", "no_transfer_ppl_at_0", "lolcats_wikitext2_ppl", "wall_time_s_total",
+                "lolcats_linear_branch_gain", "lolcats_linear_branch_gain_loss_stderr", "window_only_passkey_acc_beyond"):
         assert key in report, key
     assert re.search(r"\| mmlu \(acc\) +\|", (repo / "reports" / "report.md").read_text())
-    assert (repo / "reports" / "report.html").read_text().count("data:image/png;base64") == 4
+    assert (repo / "reports" / "report.html").read_text().count("data:image/png;base64") == 6
 
     run([sys.executable, "-m", "dvc", "exp", "run", "-n", "window8", "-S", "attention.window_size=8"], repo, env)
     rows = parent_runs(repo)

@@ -14,7 +14,8 @@ def scored(value: float, stderr: float = 0.01, **overrides: float) -> dict[str, 
 
 def results(lm_eval: dict[str, dict[str, float]]) -> PipelineResults:
     return PipelineResults(prepare={"train_tokens": 2048, "train_chunks": 2},
-                           cache={"teacher_val_ppl": 9.0, "wall_time_s": 1.0}, transfer={}, lora={}, lm_eval=lm_eval)
+                           cache={"teacher_val_ppl": 9.0, "wall_time_s": 1.0}, transfer={}, lora={}, lm_eval=lm_eval,
+                           window_size=64)
 
 
 def test_gap_and_its_stderr_are_always_there_and_closure_only_where_determined():

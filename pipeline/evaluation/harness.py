@@ -24,6 +24,7 @@ from ..config import LmEvalConfig
 from .benchmarks import BENCHMARKS, DATA_ROOT, TASKS_DIR, ZERO_SHOT, task_names
 from .lm_model import LolcatsLM
 from .perplexity import alpaca_perplexity, wikitext2_perplexity
+from .probes import evaluate_probes
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +125,11 @@ def _lm_eval_warnings_only():
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer, cfg: LmEvalConfig, alpaca_split=None) -> dict[str, float]:
-    """Benchmarks, WikiText-2 perplexity and, given prepared chunks, Alpaca validation perplexity."""
+    """Benchmarks, long-context probes, WikiText-2 perplexity and, given prepared chunks, Alpaca
+    validation perplexity."""
     model.eval()
     metrics = evaluate_benchmarks(model, tokenizer, cfg)
+    metrics |= evaluate_probes(model, tokenizer, cfg)
     metrics |= wikitext2_perplexity(model, tokenizer, cfg)
     if alpaca_split is not None:
         metrics |= alpaca_perplexity(model, alpaca_split, cfg)

@@ -81,6 +81,9 @@ class HybridAttention(nn.Module):
         # the teacher layer's own sliding window (None: global attention): the softmax transfer imitates
         self.teacher_window: int | None = None
         self.cache = None  # the HybridCache of the current forward, shown by a hook of `linearize`
+        # SSD (arXiv 2510.05901): the chance that a training forward runs linear-only; set per update by
+        # pipeline.training.WindowDropoutSchedule, a plain attribute so no state dict or config.json holds it
+        self.window_dropout = 0.0
 
     @property
     def state_feature_dim(self) -> int:
@@ -116,9 +119,14 @@ class HybridAttention(nn.Module):
         """
         backend = resolve_backend(self.config.backend, q.device, dtype=q.dtype, refusal=self.kernel_refusal(q))
         fq, fk = self.features(q, k, backend)
-        gamma = self.gamma()
-        y = hybrid_attention(q, k, v, fq, fk, gamma, self.config.effective_window_size,
-                             self.config.window, scale, backend)
+        gamma, window_size = self.gamma(), self.config.effective_window_size
+        # one draw per call from the default CPU generator, and none at all with p = 0 (the usual case)
+        if self.training and self.window_dropout > 0 and torch.rand(()).item() < self.window_dropout:
+            # window dropped: what mode linear_only computes, with these feature maps. gamma = 0 alone
+            # would not do: the linear branch covers only keys outside the window, so the first window's
+            # queries would see no key at all (0 / 0) and the rest none of their nearest keys
+            gamma, window_size = None, 0
+        y = hybrid_attention(q, k, v, fq, fk, gamma, window_size, self.config.window, scale, backend)
         if self.transfer is None:
             return y
         with torch.no_grad():
@@ -132,7 +140,7 @@ class HybridAttention(nn.Module):
             teacher = teacher.float()  # [B,H,T,D]
         self.transfer.mse = F.mse_loss(y.float(), teacher)  # per-head outputs before o_proj
         if self.transfer.with_xent:
-            self.transfer.xent = self._attention_xent(q, k, fq, fk, gamma, scale)
+            self.transfer.xent = self._attention_xent(q, k, fq, fk, gamma, window_size, scale)
         return teacher.to(q.dtype)
 
     def _teacher_visible(self, q: torch.Tensor) -> torch.Tensor:
@@ -142,13 +150,12 @@ class HybridAttention(nn.Module):
         visible = j <= i
         return visible if self.teacher_window is None else visible & (i - j < self.teacher_window)
 
-    def _attention_xent(self, q, k, fq, fk, gamma, scale) -> torch.Tensor:
+    def _attention_xent(self, q, k, fq, fk, gamma, window_size, scale) -> torch.Tensor:
         """Mean over queries of -sum_j a_teacher,ij log a_student,ij (quadratic in T: 1K tokens, not 32K)."""
         with torch.no_grad():
             scores = scale * q.float() @ k.float().repeat_interleave(self.num_heads // k.shape[1], 1).transpose(-1, -2)
             teacher = scores.masked_fill(~self._teacher_visible(q), float("-inf")).softmax(dim=-1)  # [B,H,T,T]
-        student = hybrid_attention_weights(q, k, fq, fk, gamma, self.config.effective_window_size,
-                                           self.config.window, scale)
+        student = hybrid_attention_weights(q, k, fq, fk, gamma, window_size, self.config.window, scale)
         return -(teacher * student.clamp(min=1e-12).log()).sum(-1).mean()
 
 
