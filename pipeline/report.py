@@ -85,7 +85,7 @@ def headline(results: PipelineResults) -> dict[str, float]:
     for model, per_gain in results.gains().items():
         for name, gain in per_gain.items():
             out |= {f"{model}_{name}": gain.value, f"{model}_{name}_stderr": gain.stderr}
-    for model, scores in (results.beyond() if results.gains() else {}).items():
+    for model, scores in (results.beyond() if WINDOW_ONLY in results.lm_eval else {}).items():  # as the gains
         for key, score in scores.items():
             out |= {f"{model}_{key}": score.value, f"{model}_{key}_stderr": score.stderr}
     seq_len = results.prepare["train_tokens"] // max(results.prepare["train_chunks"], 1)

@@ -28,3 +28,15 @@ def _seed():
 def stories_path() -> Path:
     assert STORIES.is_dir(), f"tests need ../shared beside the checkout; missing {STORIES}"
     return STORIES
+
+
+@pytest.fixture(scope="session")
+def data(stories_path):
+    """Alpaca packed into 6 train and 2 validation chunks of 128 stories260K tokens (the training tests' data)."""
+    from pipeline.config import PrepareDataConfig
+    from pipeline.data import prepare_alpaca, read_alpaca_rows
+    from pipeline.teacher import load_tokenizer
+
+    cfg = PrepareDataConfig(seq_len=128, max_train_tokens=128 * 6, max_val_tokens=128 * 2, val_rows=20)
+    rows = read_alpaca_rows(str(SHARED / "data" / "alpaca" / "train.jsonl"))
+    return prepare_alpaca(rows, load_tokenizer(str(stories_path)), cfg).dataset

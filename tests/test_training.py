@@ -10,28 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import AttentionTransferConfig, CacheTeacherAttnConfig, HybridConfig, LoraRecoverConfig, PrepareDataConfig
-from pipeline.data import prepare_alpaca, read_alpaca_rows
+from pipeline.config import AttentionTransferConfig, CacheTeacherAttnConfig, HybridConfig, LoraRecoverConfig
 from pipeline.hybrid import hybrid_state_dict, linearize, save_linearized
 from pipeline.lora import add_lora, load_student, recover, save_student
 from pipeline.io import DataFileError
 from pipeline.params import ConfigError
 from pipeline.perplexity import split_loss
-from pipeline.teacher import load_teacher, load_tokenizer
+from pipeline.teacher import load_teacher
 from pipeline.teacher_states import TeacherStates, write_teacher_states
 from pipeline.training import NonFiniteError, fit, resumable
 from pipeline.transfer import BlockResult, NoImprovementError, TransferOutcome, train_block, transfer_all_blocks
-from tests.conftest import REPO, SHARED
+from tests.conftest import REPO
 
 TRANSFER = AttentionTransferConfig(epochs=2, grad_accum=2, eval_every=2)
 ATTENTION = HybridConfig(window_size=16)
-
-
-@pytest.fixture(scope="module")
-def data(stories_path):
-    cfg = PrepareDataConfig(seq_len=128, max_train_tokens=128 * 6, max_val_tokens=128 * 2, val_rows=20)
-    rows = read_alpaca_rows(str(SHARED / "data" / "alpaca" / "train.jsonl"))
-    return prepare_alpaca(rows, load_tokenizer(str(stories_path)), cfg).dataset
 
 
 @pytest.fixture(scope="module")

@@ -3,17 +3,16 @@ import pytest
 import torch
 
 from pipeline.config import (AttentionTransferConfig, CacheTeacherAttnConfig, HybridConfig, LoraRecoverConfig,
-                             PrepareDataConfig, VariantConfig, WindowDropout, check_params)
-from pipeline.data import prepare_alpaca, read_alpaca_rows
+                             VariantConfig, WindowDropout, check_params)
 from pipeline.hybrid import linearize
 from pipeline.hybrid.attention import HybridAttention, TransferLosses
 from pipeline.lora import add_lora, recover
 from pipeline.params import ConfigError, build_entry, read_params
-from pipeline.teacher import load_teacher, load_tokenizer
+from pipeline.teacher import load_teacher
 from pipeline.teacher_states import TeacherStates, write_teacher_states
 from pipeline.training import WindowDropoutSchedule, window_dropout_at
 from pipeline.transfer import train_block
-from tests.conftest import REPO, SHARED
+from tests.conftest import REPO
 
 HEADS, KV_HEADS, HEAD_DIM, T = 4, 2, 8, 40
 HYBRID = HybridConfig(window="sliding", window_size=16, feature_dim=8)
@@ -174,13 +173,6 @@ def test_no_transfer_may_drop_the_window_in_lora_recover():
 
 
 # (f) both training stages' code paths
-
-@pytest.fixture(scope="module")
-def data(stories_path):
-    cfg = PrepareDataConfig(seq_len=128, max_train_tokens=128 * 6, max_val_tokens=128 * 2, val_rows=20)
-    rows = read_alpaca_rows(str(SHARED / "data" / "alpaca" / "train.jsonl"))
-    return prepare_alpaca(rows, load_tokenizer(str(stories_path)), cfg).dataset
-
 
 @pytest.fixture(scope="module")
 def states(stories_path, data, tmp_path_factory):

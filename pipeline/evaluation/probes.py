@@ -62,8 +62,9 @@ def evaluate_probes(model: torch.nn.Module, tokenizer, cfg: LmEvalConfig) -> dic
         if not (PROBES_DIR / name).is_file():
             raise DataFileError(f"{PROBES_DIR / name}: missing; run `dvc repro prepare-probes`")
     lm = LolcatsLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
-    if _longest_probe() > lm.max_length:  # lm-eval would cut the context's start, and the key with it
-        raise ValueError(f"prepare-probes: a probe of {_longest_probe()} tokens exceeds the model's {lm.max_length} "
+    longest = _longest_probe()
+    if longest > lm.max_length:  # lm-eval would cut the context's start, and the key with it
+        raise ValueError(f"prepare-probes: a probe of {longest} tokens exceeds the model's {lm.max_length} "
                          "positions; lower prepare-probes.context_lengths or position_bins")
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     results = simple_evaluate(lm, tasks=[PASSKEY_TASK, POSITION_LOSS_TASK], task_manager=manager, log_samples=True,
