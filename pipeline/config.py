@@ -242,10 +242,18 @@ class VariantConfig(ParamsBlock):
     # false: the paper's no-transfer baseline, feature maps + window factors trained with LoRA instead
     transfer: bool = True
     window_dropout: WindowDropout = field(default_factory=WindowDropout)  # off unless set
+    # tokens per attention-transfer sequence; null = prepare-data.seq_len. A multiple k of it joins k
+    # consecutive chunks, so the linear branch learns from a context k times longer; exact only with
+    # every layer in one transfer block (`TeacherStates.with_seq_len`)
+    transfer_seq_len: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode is not None:  # null: check_params checks attention.mode
             self.check_window_dropout(self.mode, "mode")
+        if self.transfer_seq_len is not None:
+            self.require(self.transfer_seq_len >= 1, "transfer_seq_len", "must be a positive number of tokens")
+            self.require(self.transfer, "transfer_seq_len",
+                         "is read by attention-transfer, which trains nothing when transfer is false; remove it")
         if self.window_dropout.transfer > 0 and not self.transfer:
             raise ConfigError(f"{self.BLOCK}.window_dropout.transfer: attention-transfer trains nothing when "
                               f"transfer is false; set it to 0 (window_dropout.lora still applies), "
@@ -358,13 +366,16 @@ def check_params(params: dict) -> list[str]:
         raise ConfigError(f"{unknown[0]}: unknown params block; valid blocks are {sorted(known)}")
     for cls in PARAMS_BLOCKS:
         build_block(cls, params)
-    attention = build_block(HybridConfig, params)
+    attention, chunk = build_block(HybridConfig, params), build_block(PrepareDataConfig, params).seq_len
     for name in params.get(VariantConfig.BLOCK) or {}:
         if name in (TEACHER, WINDOW_ONLY):
             raise ConfigError(f"{VariantConfig.BLOCK}.{name}: the name of a baseline the evaluation adds; rename it")
         variant = build_entry(VariantConfig, params, name)
         if variant.mode is None:  # the variant builds attention.mode, which only this function sees with it
             variant.check_window_dropout(attention.mode, "attention.mode")
+        if variant.transfer_seq_len is not None and variant.transfer_seq_len % chunk:
+            raise ConfigError(f"{VariantConfig.BLOCK}.{name}.transfer_seq_len: must be a multiple of prepare-data.seq_len "
+                              f"({chunk}), since it joins whole chunks; got {variant.transfer_seq_len}")
     probes, far = build_block(ProbesConfig, params), reach(attention.window_size)
     if probes.distances[-1] < far or probes.position_bins[-2] < far:  # the report's gains need both
         raise ConfigError(f"{ProbesConfig.BLOCK}: no probe lies {far} tokens back (2 x attention.window_size "

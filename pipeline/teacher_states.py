@@ -15,6 +15,7 @@ the manifest then says so, and attention-transfer trains every layer as one join
 token embeddings, with the teacher's attention run on the fly inside each layer (upstream's joint
 recipe; a paper-scale cache would need ~345 GB for SmolLM2-135M at block_size 1).
 """
+import dataclasses
 import json
 import logging
 import shutil
@@ -71,6 +72,7 @@ class TeacherStates:
     manifest: dict
     chunks: DatasetDict | None = None  # prepared data, online mode only
     embed: torch.nn.Module | None = None
+    join: int = 1  # consecutive cached chunks read as one sequence (`with_seq_len`)
 
     @classmethod
     def open(cls, folder: str | Path, chunks: DatasetDict | None = None,
@@ -91,7 +93,7 @@ class TeacherStates:
         fails before any training, naming the file, rather than as a bare SafetensorError mid-run."""
         expected = {f"block_{b}" for b in range(len(self.blocks))}
         for split in SPLITS:
-            for shard in range(-(-self.num_chunks(split) // CHUNKS_PER_SHARD)):
+            for shard in range(-(-self.manifest["chunks"][split] // CHUNKS_PER_SHARD)):
                 path = shard_path(self.folder, split, shard)
                 try:
                     with safe_open(str(path), framework="pt") as f:
@@ -107,15 +109,54 @@ class TeacherStates:
     def blocks(self) -> list[range]:
         return [range(start, stop) for start, stop in self.manifest["blocks"]]
 
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sequence `read` returns."""
+        return self.manifest["seq_len"] * self.join
+
+    def with_seq_len(self, seq_len: int | None, max_positions: int) -> "TeacherStates":
+        """These states read as sequences of `seq_len` tokens, each `seq_len / chunk` consecutive chunks
+        joined (`variants.*.transfer_seq_len`; None: the chunks as cached).
+
+        Prepared chunks are cut from one stream of rows in order, so consecutive chunks are consecutive
+        text. Joining is exact only where a block's input does not depend on the tokens before it, the
+        token embeddings: one block from layer 0 (online states, or block_size >= the layer count).
+        Cached states of a later layer saw only their own chunk, so those are refused."""
+        chunk = self.manifest["seq_len"]
+        if seq_len is None or seq_len == chunk:
+            return self
+        if seq_len % chunk:
+            raise ValueError(f"transfer_seq_len {seq_len} is not a multiple of the cached chunks' {chunk} tokens")
+        key = "variants.*.transfer_seq_len"
+        if seq_len > max_positions:
+            raise ConfigError(f"{key}: {seq_len} tokens exceed the teacher's {max_positions} positions; lower it")
+        if any(block.start != 0 for block in self.blocks):
+            raise ConfigError(
+                f"{key}: joining chunks into {seq_len}-token sequences needs every layer in one transfer block "
+                f"(the cached states of layers after the first saw only their own {chunk}-token chunk), but "
+                f"{self.folder} holds {len(self.blocks)} blocks; set cache-teacher-attn.states: online, or a "
+                f"block_size of at least the teacher's {self.manifest['num_layers']} layers")
+        join = seq_len // chunk
+        short = [split for split in SPLITS if self.manifest["chunks"][split] < join]
+        if short:
+            raise ConfigError(f"{key}: {seq_len} tokens join {join} chunks, but the {short[0]} split has only "
+                              f"{self.manifest['chunks'][short[0]]}; lower it or raise prepare-data's token caps")
+        return dataclasses.replace(self, join=join)
+
     def num_chunks(self, split: str) -> int:
-        return self.manifest["chunks"][split]
+        """Sequences of `seq_len` tokens in `split` (a remainder of fewer than `join` chunks is dropped)."""
+        return self.manifest["chunks"][split] // self.join
 
     def read(self, block: int, split: str, indices: list[int]) -> torch.Tensor:
+        """[len(indices), seq_len, hidden]: the input states of `block` for these sequences."""
+        chunks = [index * self.join + j for index in indices for j in range(self.join)]
         if self.manifest["mode"] == ONLINE:
             device = self.embed.weight.device
             with torch.no_grad():
-                return self.embed(torch.tensor(self.chunks[split][indices]["input_ids"], device=device))
-        return torch.cat([self._read_one(block, split, index) for index in indices])
+                states = self.embed(torch.tensor(self.chunks[split][chunks]["input_ids"], device=device))
+        else:
+            states = torch.cat([self._read_one(block, split, index) for index in chunks])
+        return states.reshape(len(indices), self.seq_len, -1)  # rows of one sequence are consecutive
 
     def _read_one(self, block: int, split: str, index: int) -> torch.Tensor:
         shard, row = divmod(index, CHUNKS_PER_SHARD)

@@ -38,10 +38,12 @@ def main() -> None:
                             track) as run:
         device = compute.torch_device
         model = linearize(load_teacher(teacher.source, compute.torch_dtype, device), attention)
-        states = TeacherStates.open(args.states, load_prepared(args.data), model.get_input_embeddings())
+        states = TeacherStates.open(args.states, load_prepared(args.data), model.get_input_embeddings()).with_seq_len(
+            variant.transfer_seq_len, model.config.max_position_embeddings)
         with resumable(checkpoint_dir("attention-transfer", args.variant, {
                 "blocks": [teacher.to_dict(), compute.to_dict(), attention.to_dict(), cfg.to_dict()],
-                "window_dropout": variant.window_dropout.transfer, "states": states.manifest})) as checkpoints:
+                "window_dropout": variant.window_dropout.transfer, "seq_len": states.seq_len,
+                "states": states.manifest})) as checkpoints:
             outcome = transfer_all_blocks(model, states, cfg, checkpoints, run.log_step_metrics,
                                           variant.window_dropout.transfer)
             run.set_tag("unimproved_blocks", ",".join(map(str, outcome.unimproved_blocks)) or "none")
@@ -51,7 +53,7 @@ def main() -> None:
             atomic_write_csv(Path(args.plots) / "per_layer_mse.csv", outcome.per_layer_rows())
             atomic_write_csv(Path(args.plots) / "loss.csv", outcome.curve_rows())
             trainable = sum(p.numel() for p in hybrid_state_dict(model).values()) if variant.transfer else 0
-            run.log_metrics(dict(outcome.metrics(states.manifest["seq_len"], device), trainable_params=trainable),
+            run.log_metrics(dict(outcome.metrics(states.seq_len, device), trainable_params=trainable),
                             args.metrics)
 
 

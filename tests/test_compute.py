@@ -13,7 +13,7 @@ from pipeline.data import prepare_alpaca, read_alpaca_rows
 from pipeline.hybrid import hybrid_state_dict, linearize
 from pipeline.hybrid import attention as attention_module
 from pipeline.hybrid.attention import HybridAttention, resolve_backend
-from pipeline.params import ConfigError, build_block, read_params
+from pipeline.params import ConfigError, build_block, build_entry, read_params
 from pipeline.teacher import load_teacher, load_tokenizer
 from pipeline.teacher_states import TeacherStates, write_teacher_states
 from pipeline.transfer import transfer_all_blocks
@@ -143,7 +143,13 @@ def test_the_readme_gpu_recipe_validates_every_block():
     overrides = readme_overrides((REPO / "README.md").read_text())
     assert len(overrides) >= 19
     for override in overrides:
-        apply(params, override)  # raises on a key params.yaml lacks (dvc exp run -S would add it)
+        apply(params, override)  # raises on a key params.yaml lacks, unless `+` adds it (as dvc exp run -S)
+    assert config.check_params(params)  # the cross-block checks too: lolcats_long joins whole chunks
+    assert build_entry(config.VariantConfig, params, "lolcats_long").transfer_seq_len == 4096
+    with pytest.raises(KeyError, match="already a key"):
+        apply(params, "+variants.lolcats={transfer: false}")
+    with pytest.raises(KeyError, match="not a key"):
+        apply(params, "variants.lolcats_typo={transfer: false}")
     blocks = {cls.BLOCK: build_block(cls, params) for cls in (getattr(config, n) for n in config.__all__)
               if hasattr(cls, "BLOCK") and cls.BLOCK != "variants"}
     assert blocks["cache-teacher-attn"].states == "online"

@@ -92,17 +92,19 @@ from pipeline.teacher import load_tokenizer; load_tokenizer('SmolLM2-135M-Instru
     # Seconds each kind of stage took on the H200 with the cuts, startup included (2026-12-02).
     deadline=$(( $(date +%s) + ${CALL_S:-590} ))
     set +e
-    # LATER: variants whose stages go after the others' (default linear_only, an ablation: lolcats and
-    # no_transfer are what gap closure needs). SKIP_BASELINES=1 leaves out the two baselines and the
-    # report (2026-12-03: both were measured on 2026-12-02 with the same cuts and lm-eval code).
-    baselines="lm-eval-teacher lm-eval-window-only report"
+    # LATER: variants whose stages go after the others' and after the two baselines (default
+    # linear_only, an ablation: lolcats and no_transfer are what gap closure needs, window_only what
+    # linear_branch_gain needs). SKIP_BASELINES=1 leaves out the two baselines and the report
+    # (2026-12-02b: both had been measured on 2026-12-02 with the same cuts and lm-eval code).
+    baselines="lm-eval-teacher lm-eval-window-only"
     later=$(printf '@%s$|' ${LATER:-linear_only}); later=${later%|}
-    stages=$(dvc stage list --name-only | grep -v -x -E "${baselines// /|}")
-    order="$(grep -v -E "$later" <<< "$stages") $(grep -E "$later" <<< "$stages")"
-    [ -n "${SKIP_BASELINES:-}" ] || order="$order $baselines"
+    stages=$(dvc stage list --name-only | grep -v -x -E "${baselines// /|}|report")
+    [ -z "${SKIP_BASELINES:-}" ] || baselines=""
+    order="$(grep -v -E "$later" <<< "$stages") $baselines $(grep -E "$later" <<< "$stages")"
+    [ -n "${SKIP_BASELINES:-}" ] || order="$order report"
     echo "stage order: $order" | tr '\n' ' '; echo
     for stage in $order; do
-      case $stage in lm-eval*) need=230 ;; lora-recover*) need=150 ;; attention-transfer*) need=110 ;; *) need=60 ;; esac
+      case $stage in lm-eval*) need=${LM_EVAL_S:-230} ;; lora-recover*) need=150 ;; attention-transfer*) need=110 ;; *) need=60 ;; esac
       if [ $(( deadline - $(date +%s) )) -lt $need ] && [ -n "$(dvc status "$stage" 2>/dev/null | grep -v 'up to date')" ]; then
         echo "stopping before $stage (needs ~${need} s, $(( deadline - $(date +%s) )) s left): the next call continues there"
         break

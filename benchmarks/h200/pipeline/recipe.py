@@ -20,14 +20,16 @@ def readme_overrides(readme: str) -> list[str]:
 
 
 def apply(params: dict, override: str) -> None:
-    """Set `a.b.c=value` (value read as YAML, as DVC reads it); the key must exist already."""
+    """Set `a.b.c=value` (value read as YAML, as DVC reads it): the key must exist already, or, as in
+    DVC's (Hydra's) `+a.b.c=value`, must not."""
     key, value = override.split("=", 1)
-    *path, leaf = key.split(".")
+    append = key.startswith("+")
+    *path, leaf = key.removeprefix("+").split(".")
     node = params
     for part in path:
         node = node[part]
-    if leaf not in node:
-        raise KeyError(f"{key}: not a key of params.yaml")
+    if append == (leaf in node):
+        raise KeyError(f"{key}: {'already' if append else 'not'} a key of params.yaml")
     node[leaf] = yaml.safe_load(value)
 
 
