@@ -26,13 +26,6 @@ from .attention_inputs import SHAPES, SMOKE_SHAPES, WINDOW_SIZE, AttentionShape,
 from .gpu_common import results_dir, Measured, bench_graph_ms, bench_ms, \
     copy_bandwidth_tb_s, environment, format_table, guarded, peak_memory_mib, ratio, release_memory, write_result
 
-# Measured earlier on an H100 for the llama3-8b shape at B*T = 32K tokens: [fwd, fwd+bwd] ms.
-PUBLISHED_REFERENCE_MS = {
-    "shape": "llama3-8b", "tokens": 32768,
-    "sdpa_flash": {1024: [0.58, 2.91], 4096: [1.81, 7.40], 16384: [7.39, 26.1], 32768: [14.4, 54.8]},
-    "fla_chunk_linear_attn": {1024: [2.11, 7.78], 4096: [2.15, 7.95], 16384: [2.35, 8.39], 32768: [2.78, 9.14]},
-}
-
 Run = tuple[Callable[[], torch.Tensor], list[torch.Tensor]]  # the output's function, the tensors grads are for
 
 
@@ -296,7 +289,6 @@ def report(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, c
                                "above_start_mib excludes what was allocated before (inputs)"},
         "columns": {c.name: c.measures for c in COLUMNS},
         "copy_bandwidth_tb_s": round(copy_tb_s, 3),
-        "published_reference_ms": PUBLISHED_REFERENCE_MS,
         "results": rows,
     }
 

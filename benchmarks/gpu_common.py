@@ -28,13 +28,6 @@ MIB = 2**20
 Measured = float | dict[str, float] | str | None  # a value, or why there is none ("OOM", "error: ...")
 
 
-def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / ||ref|| (= relative RMS); ||x|| where ref is exactly zero (an input that cannot
-    reach the output)."""
-    difference, size = (x.double() - ref.double()).norm(), ref.double().norm()
-    return (difference / size if size > 0 else difference).item()
-
-
 def command_line() -> str:
     """The command that ran, as `<python> -m benchmarks.<script> <args>` (scripts run as modules)."""
     module = "benchmarks." + Path(sys.argv[0]).stem

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from kernels.testing import assert_close
 from pipeline.hybrid import (HybridCache, HybridConfig, attention_modules, hybrid_state_dict, linearize,
                              load_linearized, save_linearized)
 from pipeline.hybrid.attention import TransferLosses
 from pipeline.hybrid.support import probe_attention_sites, refusal
 from pipeline.teacher import load_tokenizer
-from tests.assertions import assert_close
 
 BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=512)

@@ -10,6 +10,7 @@ from pipeline.data import (IGNORE, PROMPT_NO_INPUT, PROMPT_WITH_INPUT, format_pr
 from pipeline.io import DataFileError
 from pipeline.params import ConfigError
 from pipeline.teacher import load_tokenizer
+from tests.helpers import make_rows, write_jsonl
 
 SEQ = 16
 
@@ -17,16 +18,6 @@ SEQ = 16
 @pytest.fixture(scope="module")
 def tokenizer(stories_path):
     return load_tokenizer(str(stories_path))
-
-
-def make_rows(n: int) -> list[dict[str, str]]:
-    return [{"instruction": f"Tell story {i}.", "input": "about a cat" if i % 2 else "",
-             "output": "Once upon a time there was a dog. " * (1 + i % 3)} for i in range(n)]
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def cut(rows, tokenizer, seq_len=SEQ):

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kernels.hybrid_attention import DECODE_BACKENDS, fused_recurrent_hybrid_attention
+from kernels.testing import assert_close
 from pipeline.hybrid import HybridCache, HybridConfig, linearize
 from pipeline.teacher import load_teacher, load_tokenizer
-from tests.assertions import assert_close
 
 WINDOW = 8  # stories260K runs: prompts of 5 and 30 tokens sit inside one window and past two
 SMOLLM2 = "SmolLM2-135M-Instruct"

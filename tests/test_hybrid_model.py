@@ -66,11 +66,16 @@ def test_only_feature_maps_and_window_factors_train(stories_path):
     assert set(grads) == trainable and all(g.abs().sum() > 0 for g in grads.values())
 
 
-def test_generate_runs_on_the_swapped_model(stories_path):
+def test_greedy_generate_on_the_swapped_model_picks_its_forwards_argmax(stories_path):
+    """Every new token is the argmax of the hybrid's own full forward over what precedes it: generate()
+    decodes through the swapped attention, past the window (8) and with its cache, not around them."""
     model = linearize(stories(stories_path), HybridConfig(window_size=8))
     ids = torch.tensor([[1, 403, 407, 261, 378]])
     out = model.generate(ids, max_new_tokens=20, do_sample=False)
-    assert out.shape == (1, 25)
+    assert out.shape == (1, 25) and torch.equal(out[:, :5], ids)
+    with torch.no_grad():
+        logits = model(out).logits
+    assert torch.equal(out[:, 5:], logits[:, 4:-1].argmax(-1))
 
 
 def test_save_and_load_rebuild_the_same_model(stories_path, tmp_path):

@@ -12,7 +12,7 @@ from pipeline import tracking
 from pipeline.config import TrackingConfig
 from pipeline.io import file_digest
 from tests.conftest import REPO
-from tests.test_data import make_rows, write_jsonl
+from tests.helpers import make_rows, write_jsonl
 
 
 def run_module(cwd, module: str, *args: str) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ from pipeline.probes import PASSKEY_FILE, POSITION_LOSS_FILE, PROBES_DIR, passke
 from pipeline.report import PipelineResults, headline, undetermined_linear_branch_gains
 from pipeline.teacher import load_teacher, load_tokenizer
 from tests.conftest import SHARED
-from tests.test_report import scored
+from tests.helpers import scored
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 WIKITEXT = SHARED / "data" / "wikitext2" / "test.jsonl"

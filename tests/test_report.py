@@ -1,15 +1,7 @@
 """The report's headline: gap closure where teacher and baseline differ, and why not where they do not."""
-from pipeline.comparison import TASK_METRICS, Score, gap_closure
+from pipeline.comparison import Score, gap_closure
 from pipeline.report import PipelineResults, _protocol, headline, undetermined_gaps
-
-
-def scored(value: float, stderr: float = 0.01, **overrides: float) -> dict[str, float]:
-    """lm-eval stage metrics: every benchmark at `value` ± `stderr`, some overridden by name."""
-    out = {}
-    for task, metric in TASK_METRICS.items():
-        out[f"{task}_{metric}"] = overrides.get(task, value)
-        out[f"{task}_{metric}_stderr"] = stderr
-    return out
+from tests.helpers import scored
 
 
 def results(lm_eval: dict[str, dict[str, float]]) -> PipelineResults:

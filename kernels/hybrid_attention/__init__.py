@@ -4,7 +4,9 @@
 `recurrent.py` the decode form, `chunk.py` the Triton training/prefill kernels (backward in
 `chunk_bwd.py` and `chunk_bwd_query.py`, shared block logic and the D tiles of head dims above 128
 in `chunk_blocks.py`, per-chunk linear states from the scans in `chunk_state.py`, GQA sums of the
-key gradients in `group_sum.py`). Backends sit in `BACKENDS`; `hybrid_attention` dispatches to one.
+key gradients in `group_sum.py`). The window kinds are registered in `windows.py`; `kernel_windows.py`
+gives the Triton kernels (chunk and decode) their rules, by code, and refuses the kinds they lack.
+Backends sit in `BACKENDS`; `hybrid_attention` dispatches to one.
 """
 from typing import Callable
 

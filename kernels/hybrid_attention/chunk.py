@@ -2,7 +2,8 @@
 
 Same function as `naive.py` (../shared/design/lolcats.md §1.3); `parallel.py` is the reference it
 is tested against. The sequence is cut into chunks of C tokens (C >= the window, a multiple of it
-for terrace windows; `chunk_blocks.py`), so for query chunk n
+for terrace windows; `chunk_blocks.py`; the window rule is the registry's, `kernel_windows.py`), so
+for query chunk n
   * window keys and the linear keys too close for the running state lie in chunks n-1 and n: two
     C x C score blocks, recomputed wherever needed instead of stored, and
   * every key in chunks <= n-2 is linear: S = sum fk^T v [F,D] and z = sum fk [F]. The scans of
@@ -36,9 +37,8 @@ from .naive import check_inputs
 
 # Stored states: S, z of every STATE_EVERY-th chunk (forward and query side), dS, dz of every
 # DSTATE_EVERY-th (key side). A 128 x 128 state per 64 tokens is twice the size of q: storing every
-# chunk's made them most of the forward's memory traffic. Measured on an H100 (Llama-3-8B layer,
-# B.T = 32K): 2 and 2 ran the forward 1.18x (T 1K) and 1.26x (T 32K) faster than 1 and 1; 4 and 2
-# won the forward at 32K (1.11 vs 1.23 ms) but lost forward+backward at T 1K, 4K and 32K; 8 lost both.
+# chunk's made them most of the forward's memory traffic. Sparser spacings win some forwards but
+# lose forward+backward (benchmarks/h100/README.md).
 STATE_EVERY, DSTATE_EVERY = 2, 2
 
 
@@ -48,7 +48,7 @@ def _fwd_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sfb, sfh, sft,
     T, scale,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
-    C: tl.constexpr, WINDOW: tl.constexpr, TERRACE: tl.constexpr,
+    C: tl.constexpr, WINDOW: tl.constexpr, KIND: tl.constexpr,
     HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr, EVERY: tl.constexpr, LIN_FROM: tl.constexpr,
     BD: tl.constexpr, ND: tl.constexpr,
 ):
@@ -77,8 +77,8 @@ def _fwd_kernel(
     q_ok, p_ok = i < T, jp >= 0
     v_cur = tl.load(v_ptr + i[:, None] * svt + d[None, :], mask=q_ok[:, None], other=0.0)
     v_prev = tl.load(v_ptr + jp[:, None] * svt + d[None, :], mask=p_ok[:, None], other=0.0)
-    win_c, lin_c = pair_masks(i[:, None], i[None, :], q_ok[:, None] & q_ok[None, :], WINDOW, TERRACE)
-    win_p, lin_p = pair_masks(i[:, None], jp[None, :], q_ok[:, None] & p_ok[None, :], WINDOW, TERRACE)
+    win_c, lin_c = pair_masks(i[:, None], i[None, :], q_ok[:, None] & q_ok[None, :], WINDOW, KIND)
+    win_p, lin_p = pair_masks(i[:, None], jp[None, :], q_ok[:, None] & p_ok[None, :], WINDOW, KIND)
     p_cur = tl.zeros([C, C], dtype=tl.float32)
     p_prev = tl.zeros([C, C], dtype=tl.float32)
     m = tl.zeros([C], dtype=tl.float32)
@@ -122,7 +122,7 @@ def _fwd_kernel(
     tl.store(MAX + stat + i, m, mask=lead_tile(q_ok, t, ND))
 
 
-def hybrid_attention_chunk_fwd(q, k, v, fq, fk, gamma, window_size: int, terrace: bool, scale: float, chunk: int,
+def hybrid_attention_chunk_fwd(q, k, v, fq, fk, gamma, window_size: int, window: str, scale: float, chunk: int,
                                every: int):
     """-> o [B,H,T,D] in q's dtype; per query the fp32 normaliser and window max [B,H,T]; and the
     linear states S, z of every `every`-th chunk from `chunk_states_fwd` (None without a linear branch)."""
@@ -136,17 +136,17 @@ def hybrid_attention_chunk_fwd(q, k, v, fq, fk, gamma, window_size: int, terrace
         q, k, v, *feats, states if states is not None else den, zs if zs is not None else den,
         gamma if gamma is not None else den, o, den, max_,
         *bht_strides(q), *bht_strides(k), *bht_strides(v), *bht_strides(o), *bht_strides(feats[0]),
-        T, scale, EVERY=every, **kernel_meta(q, k, fq, gamma, window_size, terrace, chunk))
+        T, scale, EVERY=every, **kernel_meta(q, k, fq, gamma, window_size, window, chunk))
     return o, den, max_, states, zs
 
 
 class HybridAttentionChunkFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, fq, fk, gamma, window_size: int, terrace: bool, scale: float, chunk: int):
-        o, den, max_, states, zs = hybrid_attention_chunk_fwd(q, k, v, fq, fk, gamma, window_size, terrace,
+    def forward(ctx, q, k, v, fq, fk, gamma, window_size: int, window: str, scale: float, chunk: int):
+        o, den, max_, states, zs = hybrid_attention_chunk_fwd(q, k, v, fq, fk, gamma, window_size, window,
                                                               scale, chunk, STATE_EVERY)
         ctx.save_for_backward(q, k, v, fq, fk, gamma, o, den, max_, states, zs)
-        ctx.args = (window_size, terrace, scale, chunk, STATE_EVERY, DSTATE_EVERY)
+        ctx.args = (window_size, window, scale, chunk, STATE_EVERY, DSTATE_EVERY)
         return o
 
     @staticmethod
@@ -221,6 +221,5 @@ def hybrid_attention_chunk(
     if fq is not None:
         F = _tile_dim(fq.shape[-1])
         fq, fk = _padded(fq, F).contiguous(), _padded(fk, F).contiguous()
-    o = HybridAttentionChunkFunction.apply(q, k, v, fq, fk, gamma, window_size, window == "terrace",
-                                           scale, chunk)
+    o = HybridAttentionChunkFunction.apply(q, k, v, fq, fk, gamma, window_size, window, scale, chunk)
     return o if o.shape[-1] == D else o[..., :D]

@@ -3,6 +3,8 @@
 Shared by the forward (`chunk.py`) and the backward (`chunk_bwd.py`): the chunk length for a
 window, the pair masks of a block, which local blocks hold linear pairs at all (the kernels skip
 the dots of those that do not), how the head dim is cut into tiles, and the launch grid and settings.
+The window rule itself comes from the registry through `kernel_windows.py`: the kernels take the
+kind's code as KIND, and `kernel_meta` refuses a kind they have no branch for.
 
 D tiles. A (padded) head dim up to D_TILE is one tile, BD = D and ND = 1, and the kernels are those
 measured on an H100/H200. A larger one (Gemma-3's 256) is split into ND tiles of BD = D_TILE, the
@@ -16,15 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .kernel_windows import TERRACE, in_window, kernel_code
+
 # Chunk length: the score blocks are C x C; 64 keeps them in registers with head dim 128.
 MIN_CHUNK = 64
 MAX_CHUNK = 128
-# Widest D tile: 128, the head dim the kernels were measured and tuned at, so that a program at D 256
-# holds the [C, BD] and [F, BD] tiles of one at D 128 (what its registers were sized for), and the
-# [C, C] blocks, which each D tile's program recomputes over all of D, are computed twice, not four
-# times as with tiles of 64. Compiled for sm_90 at D 256, tiles of 64 spilled about as much (less in
-# the forward and dv, more in some query sides; shared memory under 200 KB either way). Not run on a
-# GPU at D 256: unmeasured.
+# Widest D tile: 128, the head dim the kernels were tuned at, so that a program at D 256 holds the
+# [C, BD] and [F, BD] tiles of one at D 128 (what its registers were sized for), and the [C, C]
+# blocks, which each D tile's program recomputes over all of D, are computed twice, not four times
+# as with tiles of 64.
 D_TILE = 128
 
 
@@ -35,37 +37,37 @@ def d_tiles(head_dim: int) -> tuple[int, int]:
 
 
 def chunk_size(window_size: int, window: str) -> int:
-    """C for a window: the smallest power of two >= MIN_CHUNK, >= w, and a multiple of w (terrace)."""
+    """C for a window: the smallest power of two >= MIN_CHUNK, >= w, and a multiple of w (terrace:
+    its blocks start at 0, and one straddling two chunks would reach chunk n-2). ValueError for a
+    window the kernels cannot take, the kind included (`kernel_windows.kernel_code`)."""
+    kind = kernel_code(window, "triton backend")
     if window_size == 0:
         return MIN_CHUNK
     c = max(MIN_CHUNK, triton.next_power_of_2(window_size))
-    if c > MAX_CHUNK or (window == "terrace" and c % window_size):
+    if c > MAX_CHUNK or (kind == TERRACE.value and c % window_size):
         raise ValueError(f"the triton backend supports sliding windows up to {MAX_CHUNK} and terrace windows "
                          f"that are powers of two up to {MAX_CHUNK}; got {window} {window_size}")
     return c
 
 
 @triton.jit
-def pair_masks(i, j, ok, WINDOW: tl.constexpr, TERRACE: tl.constexpr):
+def pair_masks(i, j, ok, WINDOW: tl.constexpr, KIND: tl.constexpr):
     """(window, linear) masks of a block of (query i, key j) pairs; i, j and ok (both exist) broadcast."""
     visible = (j <= i) & ok
     if WINDOW > 0:
-        if TERRACE:
-            inside = (i // WINDOW - j // WINDOW) <= 1
-        else:
-            inside = (i - j) < WINDOW
-        win = visible & inside
+        win = visible & in_window(i, j, WINDOW, KIND)
     else:
         win = visible & False
     return win, visible & (~win)
 
 
-def linear_from(window_size: int, terrace: bool, chunk: int) -> int:
+def linear_from(window_size: int, kind: int, chunk: int) -> int:
     """The nearest of the two local score blocks (0: the chunk's own, 1: the previous chunk's, 2:
-    neither) that holds linear pairs: query-key distances a block spans, against the window."""
+    neither) that holds linear pairs: query-key distances a block spans, against the window of the
+    kind with code `kind` (one `kernel_windows.kernel_code` admitted: sliding or terrace)."""
     if window_size == 0:
         return 0
-    if terrace:  # linear from two window blocks apart: the own chunk spans C/w - 1, the previous 2C/w - 1
+    if kind == TERRACE.value:  # linear from two window blocks apart: the own chunk spans C/w - 1, the previous 2C/w - 1
         return 0 if chunk // window_size >= 3 else 1 if chunk // window_size >= 2 else 2
     return 0 if chunk > window_size else 1  # sliding: distances up to C-1, and 2C-1 >= w
 
@@ -134,23 +136,24 @@ def chunk_grid(chunks: int, B: int, H: int, Hkv: int, tiles: int = 1) -> tuple[i
     """One program per (chunk, b, h) and, where the kernel's output has D columns, per D tile (axis 2;
     one tile up to D_TILE). The query heads of a GQA group sit side by side on each chunk: they read
     the same k and v (from L2 after the first) and write the gradient shares `group_sum.py` adds while
-    those are still in L2. Walking each head's chunks in turn instead, the heads of a group ran far apart
-    at long T: H100, Llama-3-8B layer, T 32K, forward 1.24 -> 1.17 ms, forward+backward 4.76 -> 4.54
-    (T 1K: 3.96 -> 3.95)."""
+    those are still in L2. Walking each head's chunks in turn instead, the heads of a group run far
+    apart at long T and lose both (benchmarks/h100/README.md)."""
     return chunks * (H // Hkv), B * Hkv, tiles
 
 
 # Four warps: one warpgroup, so Hopper's wgmma takes the 64-row tiles whole (eight warps split
-# them and ran 1.6-2x slower on an H100, triton 3.6).
+# them, and ran slower: benchmarks/h100/README.md).
 CHUNK_WARPS = 4
 
 
 def kernel_meta(q: torch.Tensor, k: torch.Tensor, fq: torch.Tensor | None, gamma: torch.Tensor | None,
-                window_size: int, terrace: bool, chunk: int) -> dict:
-    """The compile-time arguments every chunk kernel takes, and the launch settings."""
+                window_size: int, window: str, chunk: int) -> dict:
+    """The compile-time arguments every chunk kernel takes, and the launch settings; KIND is the
+    registry's code of `window`, refused here where the kernels have no branch for it."""
     BD, ND = d_tiles(q.shape[-1])
+    kind = kernel_code(window, "triton backend")
     return dict(H=q.shape[1], GROUP=q.shape[1] // k.shape[1], D=q.shape[-1], BD=BD, ND=ND,
-                F=fq.shape[-1] if fq is not None else 16, C=chunk, WINDOW=window_size, TERRACE=terrace,
+                F=fq.shape[-1] if fq is not None else 16, C=chunk, WINDOW=window_size, KIND=kind,
                 HAS_LINEAR=fq is not None, HAS_GAMMA=gamma is not None,
-                LIN_FROM=linear_from(window_size, terrace, chunk) if fq is not None else 2,
+                LIN_FROM=linear_from(window_size, kind, chunk) if fq is not None else 2,
                 num_warps=CHUNK_WARPS, num_stages=1)

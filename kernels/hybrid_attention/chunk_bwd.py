@@ -16,15 +16,14 @@ the output has D columns, per D tile: `chunk_blocks`), the query sides in `chunk
                              chunk sums the GQA group's shares into dk, dv;
   _bwd_key_feature_kernel    dfk of one key chunk of one query head (dS, dz, local blocks, and the
                              query chunks between chunk m+1 and the stored dS).
-Every program holds one [C,BD] or [C,F] accumulator: with more in one program the kernels spilled
-registers and ran slower on an H100 (all of a side together: 1.15-1.2x; dk with dv at head dim
-128: 1.25x). Local blocks without linear pairs (`chunk_blocks.linear_from`: none at all for the
-default terrace window of 64) skip their feature dots. Measured there (Llama-3-8B layer, T 1K):
-delta on the window side instead of in a pass of its own, which re-read do, saved 0.07 ms; dk
-from the window side's ds (two dots and two [C,D] share writes there, eight shares per key in the
-GQA sum) instead of a key-side launch that recomputed the scores and their gradient for every
-key chunk: 0.87 + 0.21 ms against 0.69 + 0.63 + 0.11 (fp32 atomics into one dk per kv head instead
-of the shares: as fast at T 1K, slower at 32K).
+Every program holds one [C,BD] or [C,F] accumulator: with more in one program the kernels spill
+registers and run slower. Local blocks without linear pairs (`chunk_blocks.linear_from`: none at
+all for the default terrace window of 64) skip their feature dots. delta is computed on the window
+side, not in a pass of its own that would read do again; dk comes from the window side's ds (two
+dots and two [C,D] share writes there, eight shares per key in the GQA sum), not from a key-side
+launch that would recompute the scores and their gradient for every key chunk, nor from fp32
+atomics into one dk per kv head, which lose at long T where a group's heads run far apart. The
+timings behind each choice are in benchmarks/h100/README.md.
 The max m_i stabilises the window part only and the linear part is not scaled by it, so the output
 depends on m_i: its gradient dm_i = -sum_j A_ij dp_ij flows to the argmax key, as through the
 reference's amax (ties, which random data never produce, go to one key instead of being split).
@@ -39,9 +38,8 @@ from .chunk_bwd_query import _bwd_query_kernel
 from .chunk_state import chunk_delta, chunk_states_bwd
 from .group_sum import sum_group_shares
 
-# Register cap of the dfk launch: at 168 three programs fit an SM instead of two. H100, triton 3.6:
-# 0.32 -> 0.30 ms (Llama-3-8B layer, T 1K), 0.081 -> 0.076 (SmolLM2); the same cap slowed the dv
-# launch (0.63 -> 0.65) and the query sides (1.4x and more, spilling), so they run uncapped.
+# Register cap of the dfk launch: at 168 three programs fit an SM instead of two, which made it
+# faster; the same cap slowed the dv launch and the query sides (spilling), so they run uncapped.
 KEY_FEATURE_MAXNREG = 168
 
 
@@ -51,7 +49,7 @@ def _bwd_value_kernel(
     sqb, sqh, sqt, skb, skh, skt, sob, soh, sot, sfb, sfh, sft, sgb, sgh, sgt,
     T, scale,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
-    C: tl.constexpr, WINDOW: tl.constexpr, TERRACE: tl.constexpr,
+    C: tl.constexpr, WINDOW: tl.constexpr, KIND: tl.constexpr,
     HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr, EVERY: tl.constexpr, LIN_FROM: tl.constexpr,
     BD: tl.constexpr, ND: tl.constexpr,
 ):
@@ -59,7 +57,7 @@ def _bwd_value_kernel(
     DV_SHARES [B,H,T,D] (strides sg*); with GQA the program that completes the count of the key chunk
     and tile in COUNTS sums the group's shares into DV [B,Hkv,T,D] (without, the shares are dv). The
     window scores run over all of D in every tile's program. Walking the group's heads here instead,
-    into one accumulator, ran 2x slower on an H100."""
+    into one accumulator, ran slower."""
     mc, pid_bh, b, h = chunk_program(H, GROUP)
     q_ptr = Q + b * sqb + h * sqh
     k_ptr = K + b * skb + (h // GROUP) * skh
@@ -103,7 +101,7 @@ def _bwd_value_kernel(
         q_ok = i < T
         do = tl.load(do_ptr + i[:, None] * sot + d[None, :], mask=q_ok[:, None], other=0.0)
         rden = 1.0 / tl.load(DEN + stat + i, mask=q_ok, other=1.0)
-        winT, linT = pair_masks(i[None, :], j[:, None], k_ok[:, None] & q_ok[None, :], WINDOW, TERRACE)
+        winT, linT = pair_masks(i[None, :], j[:, None], k_ok[:, None] & q_ok[None, :], WINDOW, KIND)
         # key-major blocks [C keys, C queries]
         if WINDOW > 0:
             qt = tl.load(q_ptr + i[:, None] * sqt + d0[None, :], mask=q_ok[:, None], other=0.0)
@@ -131,7 +129,7 @@ def _bwd_key_feature_kernel(
     svb, svh, svt, sob, soh, sot, sfb, sfh, sft,
     T,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
-    C: tl.constexpr, WINDOW: tl.constexpr, TERRACE: tl.constexpr, EVERY: tl.constexpr, LIN_FROM: tl.constexpr,
+    C: tl.constexpr, WINDOW: tl.constexpr, KIND: tl.constexpr, EVERY: tl.constexpr, LIN_FROM: tl.constexpr,
     BD: tl.constexpr, ND: tl.constexpr,
 ):
     """Program (key chunk, (b, h)): dfk [B,H,T,F] with fq's strides, walking the D tiles of v."""
@@ -167,21 +165,21 @@ def _bwd_key_feature_kernel(
         fq = tl.load(fq_ptr + i[:, None] * sft + f[None, :], mask=q_ok[:, None], other=0.0).to(DT)
         dpT = (dot_rest(tl.dot(v_t, tl.trans(do)), v_ptr, j, k_ok, svt, do_ptr, i, q_ok, sot, BD, ND)
                - delta[None, :]) * rden[None, :]
-        _, linT = pair_masks(i[None, :], j[:, None], k_ok[:, None] & q_ok[None, :], WINDOW, TERRACE)
+        _, linT = pair_masks(i[None, :], j[:, None], k_ok[:, None] & q_ok[None, :], WINDOW, KIND)
         dfk += tl.dot(tl.where(linT, dpT, 0.0).to(DT), fq)
     tl.store(DFK + b * sfb + h * sfh + j[:, None] * sft + f[None, :], dfk.to(DFK.dtype.element_ty),
              mask=k_ok[:, None])
 
 
 def hybrid_attention_chunk_bwd(q, k, v, fq, fk, gamma, o, den, max_, states, zs, do, window_size: int,
-                               terrace: bool, scale: float, chunk: int, every: int, dstate_every: int):
+                               window: str, scale: float, chunk: int, every: int, dstate_every: int):
     """-> dq, dk, dv, dfq, dfk, dgamma (None where an input does not reach the output). `every`: the
     forward's state spacing; `dstate_every`: the spacing of the gradient states stored here."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     N = triton.cdiv(T, chunk)
     do = do.contiguous()  # o's layout: the two share strides in the kernels
-    meta = kernel_meta(q, k, fq, gamma, window_size, terrace, chunk)
+    meta = kernel_meta(q, k, fq, gamma, window_size, window, chunk)
     has_window, has_linear = window_size > 0, fq is not None
     feats = (fq, fk) if has_linear else (q, q)
     dq = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device) if has_window else None
@@ -226,7 +224,7 @@ def hybrid_attention_chunk_bwd(q, k, v, fq, fk, gamma, o, den, max_, states, zs,
         dfk = torch.empty_like(fk)
         _bwd_key_feature_kernel[grid](
             fq, v, dstates, dzs, do, den, delta, dfk, *bht_strides(v), *bht_strides(do), *bht_strides(fq), T,
-            EVERY=dstate_every, **{k_: meta[k_] for k_ in ("H", "GROUP", "D", "F", "C", "WINDOW", "TERRACE",
+            EVERY=dstate_every, **{k_: meta[k_] for k_ in ("H", "GROUP", "D", "F", "C", "WINDOW", "KIND",
                                                             "LIN_FROM", "BD", "ND", "num_warps", "num_stages")},
             maxnreg=KEY_FEATURE_MAXNREG)
     if gamma is None:

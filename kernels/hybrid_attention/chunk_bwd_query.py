@@ -16,7 +16,7 @@ def _bwd_query_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, sfb, sfh, sft, sgb, sgh, sgt,
     T, scale,
     H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
-    C: tl.constexpr, WINDOW: tl.constexpr, TERRACE: tl.constexpr,
+    C: tl.constexpr, WINDOW: tl.constexpr, KIND: tl.constexpr,
     HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr, EVERY: tl.constexpr, SIDE: tl.constexpr,
     LIN_FROM: tl.constexpr, BD: tl.constexpr, ND: tl.constexpr,
 ):
@@ -71,8 +71,8 @@ def _bwd_query_kernel(
     dov_p = dot_rest(tl.dot(do, tl.trans(v_prev)), do_ptr, i, q_ok, sot, v_ptr, jp, p_ok, svt, BD, ND)
     dp_c = (dov_c - delta[:, None]) * rden[:, None]
     dp_p = (dov_p - delta[:, None]) * rden[:, None]
-    win_c, lin_c = pair_masks(i[:, None], i[None, :], q_ok[:, None] & q_ok[None, :], WINDOW, TERRACE)
-    win_p, lin_p = pair_masks(i[:, None], jp[None, :], q_ok[:, None] & p_ok[None, :], WINDOW, TERRACE)
+    win_c, lin_c = pair_masks(i[:, None], i[None, :], q_ok[:, None] & q_ok[None, :], WINDOW, KIND)
+    win_p, lin_p = pair_masks(i[:, None], jp[None, :], q_ok[:, None] & p_ok[None, :], WINDOW, KIND)
     # For dgamma: do . (window numerator), do . (linear numerator) and the two normalisers.
     x_win = tl.zeros([C], dtype=tl.float32)
     den_win = tl.zeros([C], dtype=tl.float32)

@@ -32,11 +32,8 @@ def scan_stages(programs: int, device: torch.device) -> int:
     """Pipeline stages of a scan's chunk loop: how many chunks it loads ahead of the state update.
 
     Where the programs are few (long T at small batch: one or two per SM), a third stage hides more of
-    the load latency; where they are many, the shared memory of the extra stage costs occupancy. H100,
-    Llama-3-8B layer, forward / backward scan: T 32K (128 programs) 0.49 / 0.67 ms with two stages, 0.31 /
-    0.63 with three, 0.30 / 0.63 with four; T 16K (256) 0.30 / 0.42 against 0.24 / 0.38; T 4K (1024) 0.23 /
-    0.38 against 0.24 / 0.38; T 1K (4096) 0.24 / 0.35 against 0.25 / 0.38 (four: 0.32 / 0.60). SmolLM2,
-    T 4K (144 programs): 0.073 / 0.100 against 0.061 / 0.093.
+    the load latency; where they are many, the shared memory of the extra stage costs occupancy, and a
+    fourth stage gains nothing at few programs and loses more at many (benchmarks/h100/README.md).
     """
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     return 3 if programs <= 2 * sms else 2

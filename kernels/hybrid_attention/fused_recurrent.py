@@ -11,9 +11,9 @@ key. The ring has one slot more than the window ever holds, so that write never 
 another program of the same step still reads. The value dimension is walked in tiles of BV so S
 never sits whole in registers.
 
-Window kinds are intervals ending at the query: the window of position p starts at
-    sliding: p - w + 1        terrace: (p // w - 1) * w   (the previous w-block)
-so the keys leaving at step p are the positions [start(p-1), start(p)).
+Every window kind the kernel implements is an interval ending at the query, starting at
+`kernel_windows.window_start(p)` (the kind's rule from the registry, by its code KIND), so the keys
+leaving at step p are the positions [start(p-1), start(p)); other kinds are refused before launch.
 
 Math is fp32: elementwise, plus exact ("ieee") fp32 dots when a terrace block of keys moves into S,
 so the kernel matches the PyTorch step and runs under TRITON_INTERPRET=1 on CPU. Inputs may be
@@ -23,21 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .kernel_windows import kernel_code, window_start
 from .ring import RingState
 
-# Window kinds the kernel knows, as the constexpr it branches on.
-KERNEL_WINDOWS = {"sliding": 0, "terrace": 1}
 VALUE_TILE = 32  # BV: columns of S / v per inner step
 EVICT_ROWS = 16  # keys moved into S per dot when a terrace block leaves (tl.dot needs >= 16)
-
-
-@triton.jit
-def _window_start(p, W: tl.constexpr, TERRACE: tl.constexpr):
-    """First position inside the window of query position p (may be negative)."""
-    if TERRACE:
-        return (p // W - 1) * W
-    else:
-        return p - W + 1
 
 
 @triton.jit
@@ -55,7 +45,7 @@ def _decode_step_kernel(
     kv_state_ptr, k_state_ptr, ring_k_ptr, ring_v_ptr, ring_fk_ptr, y_ptr,
     scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, R: tl.constexpr,
-    W: tl.constexpr, TERRACE: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr,
+    W: tl.constexpr, KIND: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr,
     BF: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, EVICT: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -80,7 +70,7 @@ def _decode_step_kernel(
     den = tl.zeros([], dtype=tl.float32)
     if W > 0:
         # window scores: the old keys still inside, positions start .. p-1 (at slots j % R), then the new key
-        start = tl.maximum(_window_start(p, W, TERRACE), 0)
+        start = tl.maximum(window_start(p, W, KIND), 0)
         held = start + offs_c
         in_window = held < p
         slots = held % R
@@ -106,8 +96,8 @@ def _decode_step_kernel(
         a_new = tl.exp(s_new - m) * g
         den += tl.sum(a, axis=0) + a_new
         # positions leaving the window at this step (none at p = 0)
-        leave_from = tl.maximum(_window_start(p - 1, W, TERRACE), 0)
-        leave_to = tl.where(p > 0, tl.maximum(_window_start(p, W, TERRACE), 0), 0)
+        leave_from = tl.maximum(window_start(p - 1, W, KIND), 0)
+        leave_to = tl.where(p > 0, tl.maximum(window_start(p, W, KIND), 0), 0)
     if HAS_LINEAR:
         fq = tl.load(fq_ptr + (b * H + h) * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
         fk_new = tl.load(fk_ptr + (b * H + h) * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
@@ -153,7 +143,7 @@ def _decode_step_kernel(
         tl.store(y_ptr + (b * H + h) * D + offs_v, (num / den).to(y_ptr.dtype.element_ty), mask=mask_v)
 
 
-def _decode_step_fwd(state: RingState, q, k, v, fq, fk, gamma, window_size: int, window: str,
+def _decode_step_fwd(state: RingState, q, k, v, fq, fk, gamma, window_size: int, kind: int,
                      scale: float) -> torch.Tensor:
     B, H, D = q.shape
     Hkv, R, F = k.shape[1], state.ring_k.shape[2], state.kv_state.shape[2]
@@ -165,7 +155,7 @@ def _decode_step_fwd(state: RingState, q, k, v, fq, fk, gamma, window_size: int,
         q, k, v, *linear_args[:2], gamma if gamma is not None else dummy,
         state.positions, *linear_args[2:4], state.ring_k, state.ring_v, linear_args[4], y,
         scale,
-        H=H, HKV=Hkv, D=D, F=F, R=R, W=window_size, TERRACE=KERNEL_WINDOWS[window] == 1,
+        H=H, HKV=Hkv, D=D, F=F, R=R, W=window_size, KIND=kind,
         HAS_LINEAR=linear, HAS_GAMMA=gamma is not None,
         BF=max(16, triton.next_power_of_2(max(F, 1))), BC=max(16, triton.next_power_of_2(R - 1)),
         BV=min(VALUE_TILE, max(16, triton.next_power_of_2(D))), EVICT=EVICT_ROWS, num_warps=8,
@@ -173,9 +163,9 @@ def _decode_step_fwd(state: RingState, q, k, v, fq, fk, gamma, window_size: int,
     return y
 
 
-def _check_step_inputs(state: RingState, q, k, v, fq, fk, gamma, window: str) -> None:
-    if window not in KERNEL_WINDOWS:
-        raise ValueError(f"the fused decode step knows window kinds {sorted(KERNEL_WINDOWS)}; got {window!r}")
+def _check_step_inputs(state: RingState, q, k, v, fq, fk, gamma, window: str) -> int:
+    """-> KIND, the registry's code of `window`; ValueError for inputs the kernel cannot take."""
+    kind = kernel_code(window, "fused decode step")
     B, H, D = q.shape
     Hkv = state.ring_k.shape[1]
     if k.shape != (B, Hkv, D) or v.shape != k.shape or H % Hkv:
@@ -194,6 +184,7 @@ def _check_step_inputs(state: RingState, q, k, v, fq, fk, gamma, window: str) ->
         raise ValueError("the ring state must be contiguous")
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"all tensors must be on one device; got {sorted({str(t.device) for t in tensors})}")
+    return kind
 
 
 def fused_recurrent_hybrid_attention(
@@ -209,9 +200,9 @@ def fused_recurrent_hybrid_attention(
     scale: float | None = None,
 ) -> torch.Tensor:  # y [B,H,D] in q's dtype; `state` (S, z, rings, positions) advanced in place
     """Decode one token per row in one kernel launch; the arguments of `hybrid_attention_ring_step`."""
-    _check_step_inputs(state, q, k, v, fq, fk, gamma, window)
+    kind = _check_step_inputs(state, q, k, v, fq, fk, gamma, window)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     contiguous = [t.contiguous() if t is not None else None for t in (q, k, v, fq, fk, gamma)]
-    y = _decode_step_fwd(state, *contiguous, window_size, window, scale)
+    y = _decode_step_fwd(state, *contiguous, window_size, kind, scale)
     state.positions += 1
     return y

@@ -6,9 +6,9 @@ head's share of dv and two shares of dk (from the query chunk itself and from th
 program that has stored its shares of a key chunk counts its arrival on that chunk's counter; the
 one that completes the count adds the group's shares in fp32, always in the same order (so the sum
 does not depend on which program came last), and writes the key/value head's gradient. `chunk_grid`
-runs a group's query heads side by side, so the shares are read back from L2.
-H100, Llama-3-8B layer, T 1K: this replaced a launch that read every share from DRAM (0.32 ms) for
-0.13 ms more in the dk (window-side) launch and 0.06 ms more in the dv launch.
+runs a group's query heads side by side, so the shares are read back from L2. This replaced a
+launch of its own that read every share from DRAM and cost more than the sums add to the dk and dv
+launches (benchmarks/h100/README.md).
 """
 import triton
 import triton.language as tl

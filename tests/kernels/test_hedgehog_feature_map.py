@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from kernels.feature_maps import hedgehog_feature_map, hedgehog_kernel_takes
+from kernels.testing import TOLERANCE, assert_close
 from pipeline.hybrid import HybridAttention, HybridConfig
 from pipeline.hybrid import attention as attention_module
 from pipeline.hybrid import feature_maps as feature_maps_module
 from pipeline.hybrid.attention import use_fused_feature_maps
 from pipeline.hybrid.feature_maps import FEATURE_MAPS, PHI_EPS, HedgehogFeatureMap
-from tests.assertions import TOLERANCE, assert_close
 
 # (B, H, Hx, T, D, F'): GQA groups 1-4 (Hx = H: queries), T ragged against the token block (128
 # tokens, 32 at F' = 128; at D 256, in two D tiles of 128, 64 and 32), one to three blocks per row.

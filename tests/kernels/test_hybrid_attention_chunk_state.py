@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F_
 
 from kernels.hybrid_attention.chunk_state import chunk_states_bwd, chunk_states_fwd
-from tests.assertions import assert_close
+from kernels.testing import assert_close
 
 C = 16  # small chunks: many of them at a short T
 

@@ -8,9 +8,9 @@ into S (one per token for sliding windows, a whole block for terrace windows).
 import pytest
 import torch
 
-from kernels.hybrid_attention import (RingState, fill_ring_state, fused_recurrent_hybrid_attention,
+from kernels.hybrid_attention import (WINDOW_KINDS, RingState, fill_ring_state, fused_recurrent_hybrid_attention,
                                       hybrid_attention_recurrent, hybrid_attention_ring_step, ring_size)
-from tests.assertions import TOLERANCE, assert_close
+from kernels.testing import TOLERANCE, assert_close
 
 # (B, H, Hkv, D, F, window_size, prompt length, decode steps)
 SHAPES = [
@@ -24,7 +24,7 @@ SHAPES = [
     pytest.param(1, 2, 1, 200, 16, 8, 16, 2, id="d200"),
 ]
 MODES = ["hybrid", "window_only", "linear_only"]
-WINDOWS = ["sliding", "terrace"]
+WINDOWS = sorted(WINDOW_KINDS)  # every registered kind: one the kernel lacks is refused, and fails here
 
 
 def make_inputs(B, H, Hkv, T, D, F, mode, dtype=torch.float32):
@@ -114,7 +114,7 @@ def test_fused_kernel_in_bfloat16(window):
 def test_fused_kernel_names_what_it_does_not_know():
     q, k, v, fq, fk, gamma = make_inputs(1, 2, 1, 1, 8, 4, "hybrid")
     state = RingState.empty(1, 2, 1, 8, 4, ring_size(4, "sliding"))
-    with pytest.raises(ValueError, match="window kinds"):
+    with pytest.raises(ValueError, match="unknown window kind 'dilated'"):
         fused_recurrent_hybrid_attention(state, at(q, 0), at(k, 0), at(v, 0), at(fq, 0), at(fk, 0), gamma, 4, "dilated")
     with pytest.raises(ValueError, match=r"expected q \[B,H,D\]"):
         fused_recurrent_hybrid_attention(state, at(q, 0), at(q, 0), at(v, 0), at(fq, 0), at(fk, 0), gamma, 4, "sliding")

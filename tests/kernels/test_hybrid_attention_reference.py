@@ -7,9 +7,10 @@ to the parallel one token by token, and its state to the prefill state.
 import pytest
 import torch
 
-from kernels.hybrid_attention import (hybrid_attention_naive, hybrid_attention_parallel,
+from kernels.hybrid_attention import (WINDOW_KINDS, hybrid_attention_naive, hybrid_attention_parallel,
                                       hybrid_attention_recurrent, prefill_state, window_kind)
-from tests.assertions import assert_close
+from kernels.testing import assert_close
+from tests.helpers import make_inputs, window_for
 
 # (B, H, Hkv, T, D, F, window_size): T not a multiple of the window or chunk, GQA ratios 1, 2, 3.
 SHAPES = [
@@ -21,23 +22,7 @@ SHAPES = [
     pytest.param(1, 2, 2, 40, 8, 8, 64, id="window-longer-than-T"),
 ]
 MODES = ["hybrid", "window_only", "linear_only"]
-WINDOWS = ["sliding", "terrace"]
-
-
-def make_inputs(B, H, Hkv, T, D, F, mode, dtype=torch.float32):
-    q = torch.randn(B, H, T, D, dtype=dtype)
-    k = torch.randn(B, Hkv, T, D, dtype=dtype)
-    v = torch.randn(B, Hkv, T, D, dtype=dtype)
-    # positive features, as every feature map produces
-    fq = torch.rand(B, H, T, F, dtype=dtype) + 0.05 if mode != "window_only" else None
-    fk = torch.rand(B, H, T, F, dtype=dtype) + 0.05 if mode != "window_only" else None
-    # gamma only matters when both branches share the normaliser; it cancels in window-only
-    gamma = torch.rand(H, dtype=dtype) * 0.8 + 0.1 if mode == "hybrid" else None
-    return [t.requires_grad_() if t is not None else None for t in (q, k, v, fq, fk, gamma)]
-
-
-def window_for(mode: str, window_size: int) -> int:
-    return 0 if mode == "linear_only" else window_size
+WINDOWS = sorted(WINDOW_KINDS)
 
 
 def brute_force(q, k, v, fq, fk, gamma, window_size, window):
