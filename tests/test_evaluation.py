@@ -161,6 +161,22 @@ def test_batched_loglikelihood_equals_one_at_a_time(linearized):
     assert [ll for ll, _ in four] == pytest.approx([ll for ll, _ in one], abs=1e-4)
 
 
+def test_loglikelihoods_of_a_bf16_model_are_summed_from_fp32_log_probs(stories_path):
+    """HFLM's default would sum bf16 log-probs (a long span's sum then keeps ~3 digits)."""
+    model, tokenizer = load_teacher(str(stories_path)).to(torch.bfloat16).eval(), load_tokenizer(str(stories_path))
+    context, continuation = "Once upon a time", " there was a little girl who liked to play in the park" * 6
+    ids = tokenizer(context + continuation, return_tensors="pt").input_ids
+    n = len(tokenizer(continuation, add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        logits = model(ids).logits[0, -n - 1:-1]
+    target = ids[0, -n:, None]
+    exact = logits.float().log_softmax(-1).gather(-1, target).sum().item()
+    in_bf16 = logits.log_softmax(-1).gather(-1, target).sum().item()
+    request = Instance(request_type="loglikelihood", doc={}, arguments=(context, continuation), idx=0)
+    (scored, _), = LolcatsLM(pretrained=model, tokenizer=tokenizer, batch_size=1).loglikelihood([request])
+    assert scored == pytest.approx(exact, rel=1e-5) and scored != pytest.approx(in_bf16, rel=1e-5)
+
+
 # ---- the harness and the perplexities
 
 def test_evaluate_benchmarks_returns_every_flat_metric(linearized, monkeypatch, caplog):

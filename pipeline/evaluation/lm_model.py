@@ -59,6 +59,10 @@ def load_saved(pretrained: str | Path, teacher: str | None = None, dtype: torch.
 class LolcatsLM(HFLM):
     def __init__(self, pretrained: str | PreTrainedModel, teacher: str | None = None, tokenizer=None,
                  dtype: str = "float32", device: str | None = None, **kwargs) -> None:
+        # HFLM's log_softmax runs in the model's dtype unless told otherwise, and each loglikelihood is
+        # a sum of those log-probs: with bf16 weights on a GPU a 4K-token span's sum would keep ~3
+        # significant digits. fp32 scores everywhere (a no-op for an fp32 model: the CPU numbers).
+        kwargs.setdefault("softmax_dtype", torch.float32)
         if isinstance(pretrained, torch.nn.Module):
             if tokenizer is None:
                 raise ValueError("LolcatsLM: an in-memory model needs its tokenizer (tokenizer=...)")
