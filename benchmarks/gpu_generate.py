@@ -4,8 +4,12 @@ Usage (repo root): python -m benchmarks.gpu_generate [--batches 1 16 64] [--prom
     [--new-tokens 64] [--prefill-backend auto|torch] [--out DIR] [--smoke]
 The model has Llama 3 8B's config with random bf16 weights made on the GPU, linearized with the
 default `attention` block (terrace window 64, Hedgehog 64 -> F 128). The same model object runs
-both columns: `lolcats_hybrid` with a `HybridCache`, and `sdpa` with `DynamicCache(config)` (what
-generate() makes by default). Per (batch, prompt, column):
+every column: `ours` (`lolcats_hybrid` with a `HybridCache`), `ours_graph` (the same with
+`HybridCache(cuda_graph=True)`: decode steps replayed from a CUDA graph) and `sdpa` with
+`DynamicCache(config)` (what generate() makes by default). Every column of a (batch, prompt) gets
+the same seeded prompt, so `graph_tokens_equal_eager` compares ours_graph's greedy tokens with ours'.
+`floor_ms` is one step's weight bytes over the copy bandwidth measured in the run, and each
+column's `floor_fraction` is floor_ms / ms_per_step. Per (batch, prompt, column):
   prefill   one forward over the prompt (logits of the last token only), timed on its own;
   decode    generate() continuing from that cache for --new-tokens greedy tokens, timed:
             tokens/s = batch * new tokens / seconds;
@@ -30,8 +34,8 @@ from kernels.hybrid_attention import BACKENDS, DECODE_BACKENDS
 from pipeline.hybrid import ATTN_IMPLEMENTATION, HybridCache, HybridConfig, linearize
 from pipeline.hybrid.attention import resolve_backend
 
-from .gpu_common import results_dir, MIB, environment, format_table, guarded, ratio, release_memory, \
-    synchronize, write_result
+from .gpu_common import MIB, copy_bandwidth_tb_s, environment, format_table, guarded, ratio, release_memory, \
+    results_dir, synchronize, write_result
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
@@ -40,7 +44,7 @@ SMOKE_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
                    num_key_value_heads=2, vocab_size=128, max_position_embeddings=4096)
 PREFILL_TOKENS = 131072  # the most prompt tokens one prefill forward takes (8B activations: ~15 GB)
 GOAL = "generate() >= 3x SDPA tokens/s at 4K in batch; memory flat in the prompt length"
-COLUMNS = {"ours": ATTN_IMPLEMENTATION, "sdpa": "sdpa"}
+COLUMNS = {"ours": ATTN_IMPLEMENTATION, "ours_graph": ATTN_IMPLEMENTATION, "sdpa": "sdpa"}
 
 
 def build_model(shape: dict[str, Any], dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
@@ -76,8 +80,9 @@ def fits(column: str, model, batch: int, prompt: int, new_tokens: int, device: t
 def run(model, column: str, batch: int, prompt: int, new_tokens: int, device: torch.device) -> dict[str, Any]:
     model.set_attn_implementation(COLUMNS[column])
     rows = max(r for r in range(1, batch + 1) if batch % r == 0 and (r * prompt <= PREFILL_TOKENS or r == 1))
-    ids = torch.randint(0, model.config.vocab_size, (rows, prompt), device=device)
-    cache = HybridCache() if column == "ours" else DynamicCache(config=model.config)
+    prompt_rng = torch.Generator(device=device).manual_seed(prompt * 1000 + batch)  # every column: one prompt
+    ids = torch.randint(0, model.config.vocab_size, (rows, prompt), device=device, generator=prompt_rng)
+    cache = DynamicCache(config=model.config) if column == "sdpa" else HybridCache(cuda_graph=column == "ours_graph")
     release_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -105,7 +110,8 @@ def run(model, column: str, batch: int, prompt: int, new_tokens: int, device: to
     generated = out.shape[1] - ids.shape[1]
     result = {"prefill_rows": rows, "prefill_s": round(prefill_s, 4), "decode_s": round(decode_s, 4),
               "new_tokens": generated, "decode_tokens_per_s": round(batch * generated / decode_s, 1),
-              "ms_per_step": round(1000 * decode_s / generated, 3), "cache_mib": round(cache_bytes(cache) / MIB, 1)}
+              "ms_per_step": round(1000 * decode_s / generated, 3), "cache_mib": round(cache_bytes(cache) / MIB, 1),
+              "tokens": out[:, ids.shape[1]:].cpu()}  # main() compares the columns' tokens, then drops them
     if device.type == "cuda":
         decode_peak = torch.cuda.max_memory_allocated(device)
         result["peak_mib"] = round(max(after_prefill, decode_peak) / MIB, 1)
@@ -149,6 +155,8 @@ def main() -> None:
     if args.prefill_backend == "torch":
         BACKENDS.pop("triton", None)
     prefill_fallback = warm_up(model, args.prompts, device)
+    bandwidth = copy_bandwidth_tb_s(device) if device.type == "cuda" else None
+    floor_ms = round(weights_mib * MIB / (bandwidth * 1e12) * 1e3, 3) if bandwidth else None
 
     result = {
         "environment": environment(device), "dtype": str(dtype), "model": SMOKE_MODEL if args.smoke else LLAMA3_8B,
@@ -156,6 +164,7 @@ def main() -> None:
         "backends": {"prefill": resolve_backend(HybridConfig().backend, device), "triton_prefill_failed": prefill_fallback,
                      "decode": resolve_backend(HybridConfig().backend, device, DECODE_BACKENDS)},
         "prefill_tokens_limit": PREFILL_TOKENS, "new_tokens": args.new_tokens, "results": [], "goal": GOAL,
+        "copy_bandwidth_tb_s": bandwidth, "floor_ms": floor_ms,
     }
     rows = result["results"]
     for prompt in args.prompts:
@@ -165,23 +174,33 @@ def main() -> None:
                 skip = fits(column, model, batch, prompt, args.new_tokens, device)
                 row[column] = skip or guarded(lambda: run(model, column, batch, prompt, args.new_tokens, device),
                                               device)
-                print(f"prompt {prompt} batch {batch} {column}: {row[column]}", flush=True)
-            ours, sdpa = (row[c] if isinstance(row[c], dict) else {} for c in COLUMNS)
+                shown = {k: v for k, v in row[column].items() if k != "tokens"} if isinstance(row[column], dict) else row[column]
+                print(f"prompt {prompt} batch {batch} {column}: {shown}", flush=True)
+            ours, graph, sdpa = (row[c] if isinstance(row[c], dict) else {} for c in COLUMNS)
             row["speedup"] = ratio(ours.get("decode_tokens_per_s"), sdpa.get("decode_tokens_per_s"))
+            row["graph_speedup"] = ratio(graph.get("decode_tokens_per_s"), ours.get("decode_tokens_per_s"))
+            if "tokens" in ours and "tokens" in graph:
+                row["graph_tokens_equal_eager"] = torch.equal(ours["tokens"], graph["tokens"])
+            for cell in (ours, graph, sdpa):
+                cell.pop("tokens", None)
+                if floor_ms and "ms_per_step" in cell:
+                    cell["floor_fraction"] = round(floor_ms / cell["ms_per_step"], 3)
             rows.append(row)
             write_result(results_dir(args.out, device), "gpu_generate", result)  # after every row: a crash keeps what was measured
     path = write_result(results_dir(args.out, device), "gpu_generate", result)
     print(f"wrote {path}")
     table = []
     for row in rows:
-        line = {"prompt": row["prompt"], "batch": row["batch"], "speedup": row["speedup"]}
+        line = {"prompt": row["prompt"], "batch": row["batch"], "speedup": row["speedup"],
+                "graph_speedup": row["graph_speedup"], "graph_equal": row.get("graph_tokens_equal_eager")}
         for column in COLUMNS:
             cell = row[column]
             for key in ("decode_tokens_per_s", "prefill_s", "peak_mib", "cache_mib"):
                 line[f"{column}_{key}"] = cell.get(key) if isinstance(cell, dict) else cell
         table.append(line)
     columns = ["prompt", "batch", *(f"{c}_{k}" for c in COLUMNS for k in ("decode_tokens_per_s", "prefill_s",
-                                                                           "peak_mib", "cache_mib")), "speedup"]
+                                                                           "peak_mib", "cache_mib")), "speedup",
+               "graph_speedup", "graph_equal"]
     print(format_table(table, columns))
 
 

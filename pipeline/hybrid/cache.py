@@ -44,6 +44,7 @@ from kernels.hybrid_attention import (DECODE_BACKENDS, RingState, fill_ring_stat
                                       hybrid_attention_decode, ring_size)
 
 from .attention import HybridAttention, resolve_backend
+from .decode_graph import DecodeGraphs
 
 
 class HybridCacheLayer(CacheLayerMixin):
@@ -222,10 +223,12 @@ class HybridCache(Cache):
 
     Pass it to `generate` or `forward` as `past_key_values`; a cache handed back
     (`return_dict_in_generate=True`, or the same object) continues where it stopped.
+    `cuda_graph=True`: one-token decode steps on CUDA replay one captured graph (`decode_graph.py`).
     """
 
-    def __init__(self):
+    def __init__(self, cuda_graph: bool = False):
         super().__init__(layer_class_to_replicate=HybridCacheLayer)
+        self.graphs = DecodeGraphs() if cuda_graph else None
 
     def fit(self, model_config: PreTrainedConfig, linearized: set[int]) -> None:
         """Lay out every decoder layer's state before the first forward: conv/SSM layers read theirs

@@ -14,6 +14,7 @@ the teacher by a stable id and the HybridConfig; `pipeline.auto` registers it wi
 classes) and the teacher's tokenizer.
 """
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ..params import ConfigError
 from ..teacher import check_teacher, load_teacher, load_tokenizer, teacher_reference
 from .attention import HybridAttention, hybrid_attention_forward
 from .cache import HybridCache
+from .decode_graph import is_one_token_step
 from .config import HybridConfig
 from .support import probe_attention_sites, refusal
 
@@ -102,6 +104,7 @@ def linearize(model: PreTrainedModel, config: HybridConfig) -> PreTrainedModel:
         site.module.register_forward_hook(_hide_cache, with_kwargs=True, always_call=True)
     model.register_forward_pre_hook(_fit_cache, with_kwargs=True)
     _hybrid_cache_by_default(model)
+    _decode_steps_through_graphs(model)
     if config.linearize == "all":  # every layer is global now: the stock KV cache must keep every key
         _drop_sliding_windows(model.config.get_text_config())
     model.lolcats_hybrid_config = config
@@ -122,6 +125,22 @@ def _hybrid_cache_by_default(model: PreTrainedModel) -> None:
         return stock(generation_config, model_kwargs, *args, **kwargs)
 
     model._prepare_cache_for_generation = prepare
+
+
+def _decode_steps_through_graphs(model: PreTrainedModel) -> None:
+    """A one-token step onto a `HybridCache(cuda_graph=True)` replays its captured graph (decode_graph.py);
+    every other call runs the model's own forward."""
+    eager = model.forward
+
+    @functools.wraps(eager)
+    def forward(*args, **kwargs):
+        cache = kwargs.get("past_key_values")
+        graphed = isinstance(cache, HybridCache) and cache.graphs is not None
+        if graphed and not args and is_one_token_step(cache, kwargs):
+            return cache.graphs.step(eager, cache, kwargs)
+        return eager(*args, **kwargs)
+
+    model.forward = forward
 
 
 # a local layer type -> its global one ("hybrid_sliding": attention beside a conv/SSM mixer, over a window)

@@ -1,0 +1,185 @@
+"""The decode step of a linearized model replayed from one CUDA graph (`HybridCache(cuda_graph=True)`).
+
+    model.generate(ids, past_key_values=HybridCache(cuda_graph=True), ...)
+
+Every buffer of a HybridCache has a fixed size and address from the prefill on (state S, normaliser
+z, the key/value ring, per-row positions), and each step updates them in place, on the device:
+what a CUDA graph needs and a growing KV cache cannot give. So the one-token step (embedding,
+every layer, final norm, lm_head) is captured once per cache and batch size and then replayed,
+which removes the host's kernel launches, the cost that dominates eager decoding.
+
+Order of a cache's decode steps: the first runs eagerly on a side stream (Triton compiles its
+kernels and cuBLAS creates its handles there, as capture requires); the second is captured and
+replayed; every later one copies its token ids and positions into the captured input buffers and
+replays. Python does not run during a replay, so what the step does on the host, the layers'
+`seen` counters, is advanced here. The prefill, and any call that is not a plain one-token step,
+runs eagerly. A state reallocated by beam search (`reorder_cache`) is recaptured.
+
+Refused with one log line each (the call then runs eagerly): a cache on the CPU, a layer that keeps
+a stock cache (conv/SSM or KV: transformers' own updates may sync with the host), and a step asking
+for more than logits (hidden states, attentions).
+"""
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+log = logging.getLogger(__name__)
+
+# the keyword arguments generate() passes to a decode step that the graph takes or leaves unchanged
+STEP_INPUTS = ("input_ids", "position_ids", "cache_position")
+GRAPH_SAFE = {"attention_mask", "past_key_values", "use_cache", "return_dict", "logits_to_keep"}
+_REPORTED: set[str] = set()  # one log line per reason and process
+
+
+def step_refusal(cache, kwargs: dict) -> str | None:
+    """Why this one-token step of `cache` cannot be replayed from a graph; None: it can."""
+    from .cache import HybridCacheLayer  # cache.py imports this module
+
+    if not torch.cuda.is_available():
+        return "CUDA graphs need a CUDA device; decoding eagerly on the CPU"
+    stock = [i for i, layer in enumerate(cache.layers) if type(layer) is not HybridCacheLayer]
+    if stock:
+        return (f"layers {stock} keep a stock (KV or conv/SSM) cache, whose updates may sync with the host; "
+                "decoding eagerly")
+    extra = sorted(k for k, v in kwargs.items() if k not in GRAPH_SAFE and k not in STEP_INPUTS
+                   and v is not None and v is not False)
+    if extra:
+        return f"the step asks for {extra}, which a captured step does not return; decoding eagerly"
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        return "a custom (non 2-D) attention mask; decoding eagerly"
+    if any(layer.state is None or layer.state.positions.device.type != "cuda" for layer in cache.layers):
+        return "the cache's state is not on a CUDA device; decoding eagerly"
+    return None
+
+
+def is_one_token_step(cache, kwargs: dict) -> bool:
+    """A call that decodes one token per row onto a filled cache (not the prefill, not a new turn)."""
+    ids = kwargs.get("input_ids")
+    return (ids is not None and ids.dim() == 2 and ids.shape[1] == 1 and kwargs.get("inputs_embeds") is None
+            and bool(cache.layers) and cache.get_seq_length() > 0)
+
+
+@dataclass
+class StaticInputs:
+    """The buffers a captured step reads: token ids [B,1], positions [B,1], and the cache position [1]
+    where generate() passes one (transformers before 5.2x; later ones derive it from the cache)."""
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cache_position: torch.Tensor | None
+
+    @classmethod
+    def like(cls, kwargs: dict) -> "StaticInputs":
+        ids = kwargs["input_ids"]
+        cache_position = None if kwargs.get("cache_position") is None else torch.zeros(1, dtype=torch.long,
+                                                                                        device=ids.device)
+        return cls(torch.zeros_like(ids), torch.zeros_like(ids), cache_position)
+
+    def load(self, kwargs: dict, seen: int) -> None:
+        """Copy this step's values in place (the graph keeps reading these addresses). Positions as the
+        eager forward would take them: the position_ids given, else the cache position, else the cache's
+        length `seen` (transformers' own default, arange(T) + past_seen_tokens), which left on the host
+        would be baked into the graph."""
+        ids = kwargs["input_ids"]
+        if ids.shape != self.input_ids.shape:
+            raise ValueError(f"a captured step takes input_ids {tuple(self.input_ids.shape)}, got {tuple(ids.shape)}")
+        if (kwargs.get("cache_position") is None) != (self.cache_position is None):
+            raise ValueError("a step was captured with cache_position and replayed without it, or the reverse")
+        self.input_ids.copy_(ids)
+        if self.cache_position is not None:
+            self.cache_position.copy_(kwargs["cache_position"].reshape(1))
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            self.position_ids.copy_(positions)
+        elif self.cache_position is not None:
+            self.position_ids.copy_(self.cache_position.reshape(1, 1).expand_as(ids))
+        else:
+            self.position_ids.fill_(seen)
+
+    def as_kwargs(self) -> dict:
+        step = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        return step if self.cache_position is None else dict(step, cache_position=self.cache_position)
+
+
+def state_addresses(cache) -> tuple[int, ...]:
+    """Where every state tensor lives: a reallocated state (beam search, a new prefill) needs a new graph."""
+    return tuple(t.data_ptr() for layer in cache.layers for t in layer.state.tensors())
+
+
+@dataclass
+class CapturedStep:
+    graph: "torch.cuda.CUDAGraph"
+    inputs: StaticInputs
+    logits: torch.Tensor
+    addresses: tuple[int, ...]
+    logits_to_keep: object
+
+
+@dataclass
+class DecodeGraphs:
+    """A HybridCache's captured steps, one per batch size (`warmed`: batch sizes whose eager warm-up ran),
+    and how many steps were captured and replayed."""
+    captured: dict[int, CapturedStep] = field(default_factory=dict)
+    warmed: set[int] = field(default_factory=set)
+    captures: int = 0
+    replays: int = 0
+
+    def step(self, forward, cache, kwargs: dict) -> CausalLMOutputWithPast:
+        """One decode step through the graph where it can be, else `forward(**kwargs)` (logged once)."""
+        reason = step_refusal(cache, kwargs)
+        if reason is not None:
+            if reason not in _REPORTED:
+                _REPORTED.add(reason)
+                log.warning("HybridCache(cuda_graph=True): %s", reason)
+            return forward(**kwargs)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(mask[:, -1].all()):  # the eager step refuses these with its message
+            return forward(**kwargs)
+        batch = kwargs["input_ids"].shape[0]
+        step = self.captured.get(batch)
+        if step is not None and (step.addresses != state_addresses(cache)
+                                 or step.logits_to_keep != kwargs.get("logits_to_keep")):
+            del self.captured[batch]  # its buffers are no longer the cache's: capture again
+            step = None
+        if step is None:
+            if batch not in self.warmed:
+                self.warmed.add(batch)
+                return _on_side_stream(forward, kwargs)
+            step = self.captured[batch] = _capture(forward, cache, kwargs)
+            self.captures += 1
+        step.inputs.load(kwargs, cache.get_seq_length())
+        step.graph.replay()
+        self.replays += 1
+        for layer in cache.layers:  # what the step does on the host, which a replay skips
+            layer.seen += 1
+        return CausalLMOutputWithPast(logits=step.logits.clone(), past_key_values=cache)
+
+
+def _on_side_stream(forward, kwargs: dict):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        out = forward(**kwargs)
+    torch.cuda.current_stream().wait_stream(stream)
+    return out
+
+
+def _capture(forward, cache, kwargs: dict) -> CapturedStep:
+    """Record one step; recording runs no kernel, so the state is untouched and the host-side counters,
+    which did run, are put back."""
+    inputs = StaticInputs.like(kwargs)
+    inputs.load(kwargs, cache.get_seq_length())
+    seen = [layer.seen for layer in cache.layers]
+    graph = torch.cuda.CUDAGraph()
+    # no mask: decode tokens are never padding (checked before each replay), and left padding of the
+    # prompt lives in each row's state positions, not in the mask
+    step_kwargs = dict(inputs.as_kwargs(), past_key_values=cache, use_cache=True, return_dict=True)
+    if kwargs.get("logits_to_keep") is not None:
+        step_kwargs["logits_to_keep"] = kwargs["logits_to_keep"]
+    with torch.cuda.graph(graph):
+        logits = forward(**step_kwargs).logits
+    for layer, count in zip(cache.layers, seen):
+        layer.seen = count
+    return CapturedStep(graph, inputs, logits, state_addresses(cache), kwargs.get("logits_to_keep"))

@@ -1,0 +1,92 @@
+"""`HybridCache(cuda_graph=True)` on the CPU: the static-buffer logic a captured decode step relies on,
+and the graph path refused with its reason. Replaying graphs needs CUDA: benchmarks/gpu_generate.py."""
+import logging
+
+import pytest
+import torch
+
+from pipeline.hybrid import HybridCache
+from pipeline.hybrid import decode_graph
+from pipeline.hybrid.decode_graph import StaticInputs, is_one_token_step, state_addresses, step_refusal
+from tests.test_generation import swapped_stories
+
+
+@pytest.fixture(scope="module")
+def model(stories_path):
+    return swapped_stories(stories_path)
+
+
+def prefilled(model, ids, cache=None):
+    cache = HybridCache(cuda_graph=True) if cache is None else cache
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    return cache
+
+
+def test_on_the_cpu_the_graph_path_is_off_with_its_reason_and_tokens_are_the_eager_ones(model, caplog, monkeypatch):
+    monkeypatch.setattr(decode_graph, "_REPORTED", set())
+    ids = torch.tensor([[1, 403, 407, 261, 378, 426, 281, 352, 275, 270, 431]])
+    eager = model.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=HybridCache())
+    with caplog.at_level(logging.WARNING, logger="pipeline.hybrid.decode_graph"):
+        for _ in range(2):
+            graphed = model.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=HybridCache(cuda_graph=True))
+            assert torch.equal(graphed, eager)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["HybridCache(cuda_graph=True): CUDA graphs need a CUDA device; decoding eagerly on the CPU"]
+
+
+def test_a_decode_step_updates_every_state_buffer_in_place(model):
+    """What a replayed graph relies on: the state's addresses never move while decoding, and a
+    reallocating reorder (beam search) moves them, which makes the cache capture again."""
+    cache = prefilled(model, torch.tensor([[1, 403, 407, 261, 378, 426, 281, 352, 275, 270, 431]] * 2))
+    before, positions = state_addresses(cache), cache.layers[0].state.positions.clone()
+    with torch.no_grad():
+        for step in range(12):  # past the window (8): keys leave the ring into S
+            model(torch.tensor([[300 + step]] * 2), past_key_values=cache, use_cache=True)
+    assert state_addresses(cache) == before
+    assert torch.equal(cache.layers[0].state.positions, positions + 12)
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert state_addresses(cache) != before
+
+
+def test_static_inputs_are_copied_in_place_with_the_positions_the_eager_step_would_use():
+    given = {"input_ids": torch.tensor([[5], [6]]), "position_ids": torch.tensor([[9], [4]])}
+    inputs = StaticInputs.like(given)
+    addresses = [t.data_ptr() for t in inputs.as_kwargs().values()]
+    inputs.load(given, seen=20)
+    assert inputs.position_ids.tolist() == [[9], [4]] and set(inputs.as_kwargs()) == {"input_ids", "position_ids"}
+    inputs.load({"input_ids": torch.tensor([[7], [8]])}, seen=21)  # what transformers 5.2x passes
+    assert [t.data_ptr() for t in inputs.as_kwargs().values()] == addresses
+    assert inputs.input_ids.tolist() == [[7], [8]] and inputs.position_ids.tolist() == [[21], [21]]
+    with pytest.raises(ValueError, match=r"takes input_ids \(2, 1\), got \(3, 1\)"):
+        inputs.load({"input_ids": torch.zeros(3, 1, dtype=torch.long)}, seen=22)
+    with pytest.raises(ValueError, match="captured with cache_position and replayed without it, or the reverse"):
+        inputs.load({"input_ids": torch.tensor([[7], [8]]), "cache_position": torch.tensor([22])}, seen=22)
+    older = StaticInputs.like({"input_ids": torch.tensor([[5]]), "cache_position": torch.tensor([3])})
+    older.load({"input_ids": torch.tensor([[5]]), "cache_position": torch.tensor([30])}, seen=30)
+    assert older.cache_position.tolist() == [30] and older.position_ids.tolist() == [[30]]
+
+
+def test_only_one_token_steps_onto_a_filled_cache_go_to_the_graph(model):
+    empty = HybridCache(cuda_graph=True)
+    ids = torch.tensor([[1, 403, 407]])
+    assert not is_one_token_step(empty, {"input_ids": ids})
+    cache = prefilled(model, ids)
+    assert is_one_token_step(cache, {"input_ids": ids[:, :1]})
+    assert not is_one_token_step(cache, {"input_ids": ids[:, :2]})  # a new turn: eager, token by token
+    assert not is_one_token_step(cache, {"input_ids": None, "inputs_embeds": torch.zeros(1, 1, 64)})
+
+
+def test_each_refusal_names_why(model, monkeypatch):
+    ids = torch.tensor([[1, 403, 407]])
+    cache = prefilled(model, ids)
+    assert step_refusal(cache, {"input_ids": ids[:, :1]}).startswith("CUDA graphs need a CUDA device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the checks behind the first one
+    assert step_refusal(cache, {"input_ids": ids[:, :1]}) == "the cache's state is not on a CUDA device; decoding eagerly"
+    with_stock = HybridCache(cuda_graph=True)
+    with_stock.fit(model.config, linearized={0, 2, 3, 4})
+    assert step_refusal(with_stock, {}).startswith("layers [1] keep a stock (KV or conv/SSM) cache")
+    assert step_refusal(cache, {"input_ids": ids[:, :1], "output_hidden_states": True}) == (
+        "the step asks for ['output_hidden_states'], which a captured step does not return; decoding eagerly")
+    assert step_refusal(cache, {"input_ids": ids[:, :1], "attention_mask": torch.ones(1, 1, 1, 4)}) == (
+        "a custom (non 2-D) attention mask; decoding eagerly")
