@@ -10,10 +10,10 @@ import math
 import re
 from dataclasses import dataclass
 
-# benchmark -> the metric the paper reports for it (§5)
-TASK_METRICS = {"piqa": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm",
-                "winogrande": "acc", "mmlu": "acc"}
-ZERO_SHOT = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
+from .evaluation.suite import BENCHMARKS, averages
+
+# benchmark -> the metric the paper reports for it (§5), as the report and figures label it
+TASK_METRICS = {name: b.metric for name, b in BENCHMARKS.items()}
 # Standard errors the gap teacher − baseline must exceed for its ratio to be reported (two-sided ~95%).
 # At one stderr a gap of zero passes one time in three, and the ratio over it takes any size and sign:
 # the 2026-12-02 H200 run had arc_easy's gap at -1.6 stderr, which gave lolcats a gap closure of -0.71.
@@ -30,11 +30,9 @@ class Score:
 
 
 def scores(metrics: dict[str, float]) -> dict[str, Score]:
-    """Per benchmark (plus `avg_zero_shot` and `avg_all`) the paper's metric with its stderr."""
+    """Per benchmark (plus the averages of `suite.AVERAGES`) the paper's metric with its stderr."""
     out = {task: Score(metrics[f"{task}_{m}"], metrics[f"{task}_{m}_stderr"]) for task, m in TASK_METRICS.items()}
-    out["avg_zero_shot"] = _mean([out[t] for t in ZERO_SHOT])
-    out["avg_all"] = _mean([out[t] for t in TASK_METRICS])
-    return out
+    return out | averages(out, _mean)
 
 
 def _mean(items: list[Score]) -> Score:

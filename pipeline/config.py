@@ -16,6 +16,9 @@ from .hybrid.config import HybridConfig
 from .io import DataFileError
 from .params import ConfigError, ParamsBlock, build_block, build_entry
 
+# Every dtype a params block or `lm_eval --model_args dtype=` names (the Literals below repeat them: a test checks)
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 @dataclass
 class TeacherConfig(ParamsBlock):
@@ -60,7 +63,7 @@ class ComputeConfig(ParamsBlock):
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
-        return getattr(torch, self.dtype)
+        return DTYPES[self.dtype]
 
 
 @dataclass
@@ -129,7 +132,7 @@ class CacheTeacherAttnConfig(ParamsBlock):
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
+        return DTYPES[self.dtype]
 
 
 @dataclass
@@ -268,7 +271,8 @@ class VariantConfig(ParamsBlock):
 
 @dataclass
 class TaskLimits(ParamsBlock):
-    """Documents scored per benchmark (`lm-eval.limit`); null = all of them (the paper)."""
+    """Documents scored per benchmark, one field each of `evaluation.suite.BENCHMARKS` in its order (a
+    test checks); null = all of them (the paper)."""
 
     BLOCK = "lm-eval.limit"
 

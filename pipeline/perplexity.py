@@ -1,10 +1,14 @@
-"""Next-token loss on response tokens: the LoRA objective and the perplexity every stage reports."""
+"""Next-token loss on response tokens: the LoRA objective and the perplexity every stage reports.
+
+The shared loss helper; the evaluation's own perplexities (WikiText-2, Alpaca validation) are
+`pipeline.evaluation.heldout_perplexity`, built on `split_loss`.
+"""
 import math
 
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100  # label of a token the loss skips (prompt tokens)
+from .data import IGNORE  # the label prepare-data gives prompt tokens
 
 
 def response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

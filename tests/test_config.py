@@ -3,11 +3,13 @@ import dataclasses
 import os
 import subprocess
 import sys
+import typing
 
 import pytest
 import yaml
 
 from pipeline import config
+from pipeline.evaluation.suite import BENCHMARKS
 from pipeline.params import ConfigError, ParamsBlock, build_block, read_params
 from tests.conftest import REPO
 
@@ -105,6 +107,18 @@ def test_a_block_that_is_not_a_mapping_is_rejected():
 def test_null_caps_mean_no_cap():
     cfg = build_block(config.PrepareDataConfig, {"prepare-data": {"max_train_tokens": None}})
     assert cfg.max_train_tokens is None
+
+
+def test_task_limits_has_one_field_per_benchmark_in_registry_order():
+    """`lm-eval.limit` is a params block, so its keys are fields; the benchmarks they name are the registry's."""
+    assert [f.name for f in dataclasses.fields(config.TaskLimits)] == list(BENCHMARKS)
+
+
+@pytest.mark.parametrize("cls, extra", [(config.ComputeConfig, {"auto"}), (config.CacheTeacherAttnConfig, set())])
+def test_dtype_choices_are_the_names_of_dtypes(cls, extra):
+    """The Literal a dtype field spells out for the params reader names exactly what `DTYPES` maps."""
+    dtype = next(f for f in dataclasses.fields(cls) if f.name == "dtype")
+    assert set(typing.get_args(dtype.type)) == set(config.DTYPES) | extra
 
 
 @pytest.mark.parametrize("cls", BLOCKS, ids=lambda cls: cls.BLOCK)

@@ -16,11 +16,11 @@ from lm_eval.api.registry import get_model
 from lm_eval.tasks import TaskManager
 
 from pipeline.config import LmEvalConfig, LoraRecoverConfig, TaskLimits
-from pipeline.evaluation.benchmarks import BENCHMARKS, DATA_ROOT, TASKS_DIR, task_names
 from pipeline.evaluation import harness
 from pipeline.evaluation.harness import evaluate_benchmarks
+from pipeline.evaluation.heldout_perplexity import alpaca_perplexity, wikitext2_perplexity
 from pipeline.evaluation.lm_model import CHECKOUT, LolcatsLM, check_checkout, load_saved
-from pipeline.evaluation.perplexity import alpaca_perplexity, wikitext2_perplexity
+from pipeline.evaluation.suite import AVERAGES, BENCHMARKS, DATA_ROOT, TASKS_DIR, ZERO_SHOT, averages, task_names
 from pipeline.hybrid import HybridConfig, hybrid_state_dict, linearize, save_linearized
 from pipeline.lora import add_lora, save_student
 from pipeline.params import ConfigError, build_block, read_params
@@ -63,6 +63,12 @@ def test_all_local_tasks_are_indexed_and_used_when_the_data_is_there(tmp_path):
     (tmp_path / "piqa").mkdir()
     (tmp_path / "piqa" / "validation.jsonl").write_text("{}\n")
     assert task_names(tmp_path)["piqa"] == "lolcats_piqa" and task_names(tmp_path)["mmlu"] == "mmlu"
+
+
+def test_the_averages_are_the_papers():
+    assert ZERO_SHOT == [b for b in BENCHMARKS if b != "mmlu"]
+    assert AVERAGES == {"avg_zero_shot": tuple(ZERO_SHOT), "avg_all": tuple(BENCHMARKS)}
+    assert averages({b: i for i, b in enumerate(BENCHMARKS)}, max) == {"avg_zero_shot": 4, "avg_all": 5}
 
 
 def test_the_stock_fallbacks_are_lm_eval_tasks():

@@ -1,7 +1,8 @@
 """Hybrid softmax-window + linear attention (../shared/design/lolcats.md §1.3, §7).
 
-`naive.py` is the quadratic oracle, `parallel.py` the chunked PyTorch form (CPU path and reference),
-`recurrent.py` the decode form, `chunk.py` the Triton training/prefill kernels (backward in
+`naive.py` is the quadratic form (the tests' oracle, and the weights the cross-entropy transfer
+loss trains through), `parallel.py` the chunked PyTorch form (CPU path and reference), `recurrent.py`
+the decode form, `chunk.py` the Triton training/prefill kernels (backward in
 `chunk_bwd.py` and `chunk_bwd_query.py`, shared block logic and the D tiles of head dims above 128
 in `chunk_blocks.py`, per-chunk linear states from the scans in `chunk_state.py`, GQA sums of the
 key gradients in `group_sum.py`). The window kinds are registered in `windows.py`; `kernel_windows.py`

@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from ..strides import bht_strides
-from .chunk_blocks import (check_dtype, chunk_grid, chunk_program, chunk_size, d_tiles, dot_rest, kernel_meta,
-                           lead_tile, own_d_tile, pair_masks)
+from .chunk_blocks import (check_dtype, chunk_grid, chunk_program, d_tiles, dot_rest, kernel_meta,
+                           lead_tile, own_d_tile, pair_masks, triton_chunk_size)
 from .chunk_bwd import hybrid_attention_chunk_bwd
 from .chunk_state import chunk_states_fwd
 from .naive import check_inputs
@@ -176,7 +176,7 @@ def chunk_refusal(head_dim: int, feature_dim: int | None, window_size: int, wind
                     f"{DIM_LIMITS[name]}); got {dim}")
     try:
         check_dtype(device, dtype)
-        chunk_size(window_size, window)
+        triton_chunk_size(window_size, window)
     except ValueError as e:
         return str(e)
     return None
@@ -206,7 +206,7 @@ def hybrid_attention_chunk(
     """Hybrid attention through the Triton kernels, differentiable in q, k, v, fq, fk and gamma.
 
     D and F up to 256, zero-padded to powers of two >= 16 where they are not (a copy of the inputs),
-    D above 128 then split into tiles of 128 inside the kernels; window kinds as in `chunk_size`.
+    D above 128 then split into tiles of 128 inside the kernels; window kinds as in `triton_chunk_size`.
     """
     check_inputs(q, k, v, fq, fk, gamma, window_size)
     D = q.shape[-1]
@@ -215,7 +215,7 @@ def hybrid_attention_chunk(
     refusal = chunk_refusal(D, fq.shape[-1] if fq is not None else None, window_size, window, q.device, q.dtype)
     if refusal is not None:
         raise ValueError(f"{refusal}: use attention.backend: torch")
-    chunk = chunk_size(window_size, window)
+    chunk = triton_chunk_size(window_size, window)
     scale = D**-0.5 if scale is None else scale  # of the model's head dim, not the padded one
     q, k, v = (_padded(x, _tile_dim(D)) for x in (q, k, v))
     if fq is not None:

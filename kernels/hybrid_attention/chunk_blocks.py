@@ -20,9 +20,10 @@ import triton.language as tl
 
 from .kernel_windows import TERRACE, in_window, kernel_code
 
-# Chunk length: the score blocks are C x C; 64 keeps them in registers with head dim 128.
-MIN_CHUNK = 64
-MAX_CHUNK = 128
+# Chunk length of the Triton kernels (the PyTorch form picks its own, `parallel.torch_chunk_size`): the
+# score blocks are C x C; 64 keeps them in registers with head dim 128.
+MIN_TRITON_CHUNK = 64
+MAX_TRITON_CHUNK = 128
 # Widest D tile: 128, the head dim the kernels were tuned at, so that a program at D 256 holds the
 # [C, BD] and [F, BD] tiles of one at D 128 (what its registers were sized for), and the [C, C]
 # blocks, which each D tile's program recomputes over all of D, are computed twice, not four times
@@ -36,17 +37,17 @@ def d_tiles(head_dim: int) -> tuple[int, int]:
     return BD, head_dim // BD
 
 
-def chunk_size(window_size: int, window: str) -> int:
-    """C for a window: the smallest power of two >= MIN_CHUNK, >= w, and a multiple of w (terrace:
-    its blocks start at 0, and one straddling two chunks would reach chunk n-2). ValueError for a
-    window the kernels cannot take, the kind included (`kernel_windows.kernel_code`)."""
+def triton_chunk_size(window_size: int, window: str) -> int:
+    """C for a window: the smallest power of two >= MIN_TRITON_CHUNK, >= w, and a multiple of w
+    (terrace: its blocks start at 0, and one straddling two chunks would reach chunk n-2). ValueError
+    for a window the kernels cannot take, the kind included (`kernel_windows.kernel_code`)."""
     kind = kernel_code(window, "triton backend")
     if window_size == 0:
-        return MIN_CHUNK
-    c = max(MIN_CHUNK, triton.next_power_of_2(window_size))
-    if c > MAX_CHUNK or (kind == TERRACE.value and c % window_size):
-        raise ValueError(f"the triton backend supports sliding windows up to {MAX_CHUNK} and terrace windows "
-                         f"that are powers of two up to {MAX_CHUNK}; got {window} {window_size}")
+        return MIN_TRITON_CHUNK
+    c = max(MIN_TRITON_CHUNK, triton.next_power_of_2(window_size))
+    if c > MAX_TRITON_CHUNK or (kind == TERRACE.value and c % window_size):
+        raise ValueError(f"the triton backend supports sliding windows up to {MAX_TRITON_CHUNK} and terrace "
+                         f"windows that are powers of two up to {MAX_TRITON_CHUNK}; got {window} {window_size}")
     return c
 
 

@@ -1,7 +1,10 @@
 """Quadratic hybrid attention: the numerics contract (../shared/design/lolcats.md §1.3).
 
-Builds the full T x T masks, so it is the test oracle only; `parallel.py` computes the same
-function in chunks and `recurrent.py` token by token.
+Builds the full T x T masks, so its memory grows with T^2. Not only the tests' oracle
+(`hybrid_attention_naive`): `hybrid_attention_weights` is also training code, the student's full
+weight matrix in attention transfer's cross-entropy loss, gradients included, whenever that loss is
+on (pipeline/hybrid/attention.py). `parallel.py` computes the same output in chunks and
+`recurrent.py` token by token.
 
 Shapes: B batch, H query heads, Hkv key/value heads (H % Hkv == 0), T length, D head dim,
 F feature dim (the feature map's output, e.g. 2 x 64 for Hedgehog).

@@ -17,19 +17,20 @@ import torch.nn.functional as F_
 from .naive import check_inputs, repeat_kv
 from .windows import window_kind
 
-# Smallest chunk: below this the per-chunk state tensors cost more than the scores they save.
-MIN_CHUNK = 64
+# Smallest chunk of this form (the Triton kernels have their own, `chunk_blocks.triton_chunk_size`): below
+# this the per-chunk state tensors cost more than the scores they save.
+MIN_TORCH_CHUNK = 64
 
 
-def chunk_size(window_size: int, seq_len: int) -> int:
-    """C: a multiple of the window (terrace blocks must not straddle chunks), at least MIN_CHUNK.
+def torch_chunk_size(window_size: int, seq_len: int) -> int:
+    """C: a multiple of the window (terrace blocks must not straddle chunks), at least MIN_TORCH_CHUNK.
 
     A window as long as the sequence gives one chunk of exactly T tokens (no padding).
     """
     if window_size == 0:
-        c = MIN_CHUNK
+        c = MIN_TORCH_CHUNK
     else:
-        c = window_size * math.ceil(MIN_CHUNK / window_size)
+        c = window_size * math.ceil(MIN_TORCH_CHUNK / window_size)
     return seq_len if c >= seq_len else c
 
 
@@ -47,7 +48,7 @@ def hybrid_attention_parallel(
     check_inputs(q, k, v, fq, fk, gamma, window_size)
     B, H, T, D = q.shape
     scale = D**-0.5 if scale is None else scale
-    C = chunk_size(window_size, T)
+    C = torch_chunk_size(window_size, T)
     N = math.ceil(T / C)
     pad = N * C - T
 

@@ -2,11 +2,11 @@
 
 One call scores one in-memory model (wrapped in `LolcatsLM`) on PIQA, ARC-e, ARC-c, HellaSwag,
 WinoGrande (0-shot) and MMLU (`mmlu_shots`-shot), with our `tasks/` (or the stock tasks where
-../shared/data lacks a file, `benchmarks.task_names`). A task's `lm-eval.limit` keeps a seeded
+../shared/data lacks a file, `suite.task_names`). A task's `lm-eval.limit` keeps a seeded
 random subset of its documents (per subject for MMLU), passed as lm-eval's `samples`, so every
 model sees the same documents. The result is flat: `<benchmark>_<metric>` and its `_stderr`
-(lm-eval's), `<benchmark>_docs`, and the paper's averages `avg_zero_shot` (5 tasks) and
-`avg_all` (6). MMLU is the unweighted mean over subjects, as the paper.
+(lm-eval's), `<benchmark>_docs`, and the paper's averages (`suite.AVERAGES`: `avg_zero_shot`
+over 5 tasks, `avg_all` over 6). MMLU is the unweighted mean over subjects, as the paper.
 """
 import contextlib
 import logging
@@ -21,10 +21,10 @@ from lm_eval.api.task import Task
 from lm_eval.tasks import TaskManager
 
 from ..config import LmEvalConfig
-from .benchmarks import BENCHMARKS, DATA_ROOT, TASKS_DIR, ZERO_SHOT, task_names
+from .heldout_perplexity import alpaca_perplexity, wikitext2_perplexity
 from .lm_model import LolcatsLM
-from .perplexity import alpaca_perplexity, wikitext2_perplexity
 from .probes import evaluate_probes
+from .suite import BENCHMARKS, DATA_ROOT, TASKS_DIR, averages, task_names
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,7 @@ def evaluate_benchmarks(model: torch.nn.Module, tokenizer, cfg: LmEvalConfig) ->
         metrics |= {f"{benchmark}_{metric}": value, f"{benchmark}_{metric}_stderr": stderr,
                     f"{benchmark}_docs": float(docs)}
     scores = {b: metrics[f"{b}_{BENCHMARKS[b].metric}"] for b in BENCHMARKS}
-    metrics["avg_zero_shot"] = sum(scores[b] for b in ZERO_SHOT) / len(ZERO_SHOT)
-    metrics["avg_all"] = sum(scores.values()) / len(scores)
+    metrics |= averages(scores, lambda values: sum(values) / len(values))
     log.info("lm-eval: %s; avg %.4f (zero-shot %.4f)", ", ".join(
         f"{b} {metrics[f'{b}_{BENCHMARKS[b].metric}']:.4f} ± {metrics[f'{b}_{BENCHMARKS[b].metric}_stderr']:.4f}"
         for b in BENCHMARKS), metrics["avg_all"], metrics["avg_zero_shot"])

@@ -19,12 +19,12 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM  # importing lm_eval.models also registers the stock models
 from transformers import PreTrainedModel
 
+from ..config import DTYPES
 from ..hybrid import load_linearized
 from ..hybrid.convert import is_saved_linearized, saved_config
 from ..lora import ADAPTER_DIR, load_student
 from ..teacher import load_teacher, load_tokenizer, resolve_teacher
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # as compute.dtype
 CHECKOUT = Path(__file__).resolve().parents[2]  # the checkout this code is from
 
 

@@ -19,8 +19,8 @@ from lm_eval.tasks import TaskManager
 from ..config import LmEvalConfig
 from ..io import DataFileError
 from ..probes import PASSKEY_FILE, POSITION_LOSS_FILE, PROBES_DIR
-from .benchmarks import TASKS_DIR
 from .lm_model import LolcatsLM
+from .suite import TASKS_DIR
 
 PASSKEY_TASK, POSITION_LOSS_TASK = "lolcats_passkey", "lolcats_position_loss"
 

@@ -9,7 +9,7 @@ import torch
 
 from kernels.hybrid_attention import BACKENDS, hybrid_attention_chunk, hybrid_attention_parallel
 from kernels.hybrid_attention import chunk as chunk_module
-from kernels.hybrid_attention.chunk_blocks import check_dtype, chunk_size, linear_from
+from kernels.hybrid_attention.chunk_blocks import check_dtype, linear_from, triton_chunk_size
 from kernels.hybrid_attention.windows import WINDOW_KINDS, window_kind
 from kernels.testing import SEQUENCE_SUM_TOLERANCE, assert_close
 from pipeline.hybrid.attention import resolve_backend
@@ -166,8 +166,9 @@ def test_dims_beyond_the_tiles_are_refused(D, F, refused):
 
 
 def test_chunk_covers_the_window():
-    assert chunk_size(64, "terrace") == 64 and chunk_size(24, "sliding") == 64 and chunk_size(128, "sliding") == 128
-    assert chunk_size(0, "sliding") == 64
+    assert triton_chunk_size(64, "terrace") == 64 and triton_chunk_size(24, "sliding") == 64
+    assert triton_chunk_size(128, "sliding") == 128
+    assert triton_chunk_size(0, "sliding") == 64
 
 
 def test_auto_backend_is_the_kernel_on_cuda_and_torch_on_cpu():
@@ -190,7 +191,7 @@ def test_fp32_on_cuda_is_refused():
 @pytest.mark.parametrize("window_size", [0, 16, 32, 64, 128])
 def test_kernels_skip_exactly_the_local_blocks_without_linear_pairs(window, window_size):
     """linear_from names the nearest local block holding a linear pair; the kernels skip the nearer ones."""
-    chunk = chunk_size(window_size, window)
+    chunk = triton_chunk_size(window_size, window)
     i = torch.arange(chunk, 2 * chunk)[:, None]  # queries of chunk 1
     has_linear = []
     for j in (torch.arange(chunk, 2 * chunk)[None, :], torch.arange(chunk)[None, :]):  # own chunk, previous

@@ -1,11 +1,17 @@
-"""The six benchmarks of ../shared/design/lolcats.md §5 and the lm-eval task that answers each.
+"""The six benchmarks of ../shared/design/lolcats.md §5, the lm-eval task that answers each, and the
+paper's averages over them: the one list of benchmarks that the harness, the comparison and the report
+read (`TaskLimits` in pipeline/config.py repeats the names as fields, held to this list by a test).
+Only the standard library is imported: pipeline/comparison.py (and through it pipeline/config.py)
+reads it without loading lm-eval or datasets.
 
 Our tasks (`tasks/`, loaded through `include_path`) read the JSONL copies under ../shared/data;
 where a copy is missing (a checkout without ../shared), the stock lm-eval task of the same
 benchmark is used instead, which downloads from the Hugging Face Hub.
 """
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 DATA_ROOT = Path("../shared/data")  # relative to the repo root, the cwd of stages and README commands
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
@@ -33,6 +39,16 @@ BENCHMARKS = {
     "mmlu": Benchmark("lolcats_mmlu", "mmlu", ("mmlu/dev.jsonl", "mmlu/test.jsonl"), "acc", few_shot=True),
 }
 ZERO_SHOT = [name for name, b in BENCHMARKS.items() if not b.few_shot]  # "Avg. (no MMLU)" in the paper
+# The paper's averages (metric name -> the benchmarks it averages), in the order the metrics are written.
+AVERAGES = {"avg_zero_shot": tuple(ZERO_SHOT), "avg_all": tuple(BENCHMARKS)}
+
+Value = TypeVar("Value")
+
+
+def averages(per_benchmark: Mapping[str, Value], mean: Callable[[list[Value]], Value]) -> dict[str, Value]:
+    """Every average of AVERAGES over `per_benchmark`: `mean` says how values combine, so the harness
+    averages plain scores and the comparison scores with their stderrs, over the same benchmarks."""
+    return {name: mean([per_benchmark[b] for b in members]) for name, members in AVERAGES.items()}
 
 
 def task_names(data_root: str | Path = DATA_ROOT) -> dict[str, str]:

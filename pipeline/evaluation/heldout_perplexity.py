@@ -1,4 +1,4 @@
-"""Perplexities every evaluated model reports (../shared/design/lolcats.md §5).
+"""Held-out perplexities every evaluated model reports (../shared/design/lolcats.md §5).
 
 WikiText-2: the test rows joined as `"\n\n".join(rows)` (the GPTQ/LoLCATs text), tokenized once,
 cut into non-overlapping windows of `ppl_seq_len` tokens (a partial last window is dropped), at
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..config import LmEvalConfig
 from ..perplexity import split_loss
-from .benchmarks import DATA_ROOT
+from .suite import DATA_ROOT
 
 WIKITEXT2_TEST = DATA_ROOT / "wikitext2" / "test.jsonl"
 
