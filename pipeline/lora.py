@@ -10,6 +10,7 @@ adapter (peft `save_pretrained`) in `adapter/`; `load_student` rebuilds the whol
 and them, as `AutoModelForCausalLM.from_pretrained(folder)` does after `import pipeline`.
 """
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from .hybrid import load_linearized, save_linearized
 from .teacher import teacher_id
 from .io import atomic_dir
 from .perplexity import split_loss
+from .throughput import throughput_metrics
 from .training import FitResult, LogFn, WindowDropoutSchedule, fit
 
 
@@ -36,9 +38,33 @@ def add_lora(model: PreTrainedModel, cfg: LoraRecoverConfig, train_feature_maps:
     return peft_model
 
 
-def recover(model: PeftModel, data: DatasetDict, cfg: LoraRecoverConfig, checkpoint: Path,
-            log_metrics: LogFn, window_dropout: float = 0.0) -> FitResult:
-    """`window_dropout`: SSD's start probability over the updates (`WindowDropoutSchedule`); 0 = off."""
+@dataclass
+class LoraOutcome:
+    """What `recover` trained: its fit and what the stage's metrics count beside it."""
+    fit: FitResult
+    seq_len: int  # tokens per train chunk: what prepare-data cut (every row has as many)
+    trainable_params: int
+
+    def curve_rows(self) -> list[dict[str, float | None]]:
+        return self.fit.curve_rows()
+
+    def metrics(self, device: torch.device) -> dict[str, float]:
+        """Headline figures: validation loss and perplexity before LoRA (paper's PPL@0) and of the best
+        weights, and the cost."""
+        tokens = self.fit.items_seen * self.seq_len
+        return {
+            "val_loss_start": self.fit.initial["loss"], "val_ppl_start": self.fit.initial["ppl"],
+            "val_loss": self.fit.best["loss"], "val_ppl": self.fit.best["ppl"], "updates": self.fit.updates,
+            "train_tokens": tokens, "trainable_params": self.trainable_params,
+            **throughput_metrics(tokens, self.fit.wall_time_s, device),
+        }
+
+
+def recover(model: PeftModel, data: DatasetDict, cfg: LoraRecoverConfig, checkpoints: Path,
+            log_metrics: LogFn, window_dropout: float = 0.0) -> LoraOutcome:
+    """Train the LoRA (and trainable hybrid weights) of `model`, resuming from `checkpoints/lora.pt`.
+
+    `window_dropout`: SSD's start probability over the updates (`WindowDropoutSchedule`); 0 = off."""
     train = data["train"]
     device = next(model.parameters()).device
 
@@ -51,9 +77,11 @@ def recover(model: PeftModel, data: DatasetDict, cfg: LoraRecoverConfig, checkpo
 
     named_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with WindowDropoutSchedule(model, window_dropout, cfg.seed) as dropout:
-        return fit(named_params, loss, range(len(train)),
-                   dropout.evaluating(lambda: split_loss(model, data["validation"])),
-                   cfg, checkpoint, "lora-recover", log_metrics, dropout.before_update)
+        result = fit(named_params, loss, range(len(train)),
+                     dropout.evaluating(lambda: split_loss(model, data["validation"])),
+                     cfg, checkpoints / "lora.pt", "lora-recover", log_metrics, dropout.before_update)
+    return LoraOutcome(result, seq_len=len(train[0]["input_ids"]),
+                       trainable_params=sum(p.numel() for p in named_params.values()))
 
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's name for it

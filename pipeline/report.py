@@ -54,6 +54,12 @@ class PipelineResults:
         """Per model, its probe scores beyond the window (`comparison.beyond_window`)."""
         return {m: beyond_window(self.lm_eval[m], self.window_size) for m in self.ordered_models()}
 
+    def transfer_tokens(self, variant: str) -> int:
+        """Train tokens through each transfer block of `variant`: attention-transfer's `tokens` (through every
+        block) over the cache's blocks, since every block trains on the same sequences (transfer_seq_len long
+        where set, which the prepared chunks' length would miss)."""
+        return int(self.transfer[variant]["tokens"]) // int(self.cache["blocks"])
+
     def gains(self) -> dict[str, dict[str, Score]]:
         """Per model but window_only, its linear-branch gains over window_only; {} without window_only."""
         if WINDOW_ONLY not in self.lm_eval:
@@ -88,9 +94,8 @@ def headline(results: PipelineResults) -> dict[str, float]:
     for model, scores in (results.beyond() if WINDOW_ONLY in results.lm_eval else {}).items():  # as the gains
         for key, score in scores.items():
             out |= {f"{model}_{key}": score.value, f"{model}_{key}_stderr": score.stderr}
-    seq_len = results.prepare["train_tokens"] // max(results.prepare["train_chunks"], 1)
-    for variant, metrics in results.transfer.items():
-        out[f"{variant}_transfer_tokens"] = metrics["train_chunks_per_block"] * seq_len
+    for variant in results.transfer:
+        out[f"{variant}_transfer_tokens"] = results.transfer_tokens(variant)
     for variant, metrics in results.lora.items():
         out[f"{variant}_ppl_at_0"] = metrics["val_ppl_start"]
         out[f"{variant}_lora_tokens"] = metrics["train_tokens"]
@@ -179,8 +184,7 @@ def document(results: PipelineResults, figure_paths: dict[str, Path], limits: di
             ("table", ["stage", "variant", "train tokens (per block)", "updates", "trainable params", "tokens/s",
                        "peak GPU memory (GiB)", "wall time (s)"],
              [["cache-teacher-attn", "—", results.cache["cache_tokens"], "—", 0, *speed(results.cache)]]
-             + [["attention-transfer", v, m["train_chunks_per_block"] * results.prepare["train_tokens"]
-                 // max(results.prepare["train_chunks"], 1), m["updates_per_block"], m["trainable_params"],
+             + [["attention-transfer", v, results.transfer_tokens(v), m["updates_per_block"], m["trainable_params"],
                  *speed(m)] for v, m in results.transfer.items()]
              + [["lora-recover", v, m["train_tokens"], m["updates"], m["trainable_params"], *speed(m)]
                 for v, m in results.lora.items()]

@@ -247,6 +247,14 @@ def checkpoint_dir(stage: str, name: str, identity: Mapping) -> Path:
 
 
 @contextlib.contextmanager
+def stage_checkpoints(stage: str, name: str, identity: Mapping) -> Iterator[Path]:
+    """A training stage's checkpoint folder for `name` (its variant): `checkpoint_dir` held by `resumable`.
+    Both training stages open theirs so and hand the folder to the library call, which names the files."""
+    with resumable(checkpoint_dir(stage, name, identity)) as folder:
+        yield folder
+
+
+@contextlib.contextmanager
 def resumable(folder: Path) -> Iterator[Path]:
     """`folder` created for a stage's checkpoints and deleted when the body succeeds or training fails
     (`TrainingFailure`: resuming would fail again); any other end (a kill, an interrupt, out of

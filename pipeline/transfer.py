@@ -38,6 +38,7 @@ class BlockResult:
     fit: FitResult
     mse_before: dict[int, float]  # validation MSE per layer before and after transfer
     mse_after: dict[int, float]
+    trainable_params: int  # of the block's feature maps and window factors
 
     def summary(self) -> str:
         """One line: the block's mean validation MSE before and after, and its worst layer after."""
@@ -116,12 +117,14 @@ def train_block(block: int, states: TeacherStates, model: PreTrainedModel, cfg: 
                      f"block {block} (layers {layers.start}-{layers.stop - 1})", log_metrics, dropout.before_update)
     return BlockResult(block, list(layers), result,
                        mse_before={i: result.initial[f"mse_layer_{i}"] for i in layers},
-                       mse_after={i: result.best[f"mse_layer_{i}"] for i in layers})
+                       mse_after={i: result.best[f"mse_layer_{i}"] for i in layers},
+                       trainable_params=sum(p.numel() for p in named_params.values()))
 
 
 @dataclass
 class TransferOutcome:
     blocks: list[BlockResult]
+    seq_len: int  # tokens per train sequence (`TeacherStates.seq_len`: chunks joined by transfer_seq_len)
 
     @property
     def unimproved_blocks(self) -> list[int]:
@@ -152,8 +155,9 @@ class TransferOutcome:
         """Train loss of each block at each update, validation loss where there was a pass."""
         return [dict(row, block=b.block) for b in self.blocks for row in b.fit.curve_rows()]
 
-    def metrics(self, seq_len: int, device: torch.device) -> dict[str, float]:
-        """Headline figures; `tokens` counts train tokens through every block (a chunk once per block)."""
+    def metrics(self, device: torch.device) -> dict[str, float]:
+        """Headline figures; `tokens` counts train tokens through every block (a chunk once per block),
+        `trainable_params` the weights of the blocks that ran an update (none for `transfer: false`)."""
         rows = self.per_layer_rows()
         ratios = sorted(r["mse_after"] / r["mse_before"] for r in rows)
         return {
@@ -163,8 +167,9 @@ class TransferOutcome:
             "updates_per_block": max(b.fit.updates for b in self.blocks),
             "unimproved_blocks": len(self.unimproved_blocks),
             "train_chunks_per_block": max(b.fit.items_seen for b in self.blocks),
-            **throughput_metrics(sum(b.fit.items_seen for b in self.blocks) * seq_len,
+            **throughput_metrics(sum(b.fit.items_seen for b in self.blocks) * self.seq_len,
                                  sum(b.fit.wall_time_s for b in self.blocks), device),
+            "trainable_params": sum(b.trainable_params for b in self.blocks if b.fit.updates),
         }
 
 
@@ -180,4 +185,4 @@ def transfer_all_blocks(model: PreTrainedModel, states: TeacherStates, cfg: Atte
         results.append(train_block(block, states, model, cfg, checkpoints / f"block_{block:03d}.pt", block_metrics,
                                    window_dropout))
         log.info("%s", results[-1].summary())
-    return TransferOutcome(results)
+    return TransferOutcome(results, states.seq_len)

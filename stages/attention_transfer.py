@@ -14,12 +14,12 @@ from pipeline import tracking
 from pipeline.config import (AttentionTransferConfig, ComputeConfig, TeacherConfig, TrackingConfig, VariantConfig,
                              read_scoped_attention)
 from pipeline.data import load_prepared
-from pipeline.hybrid import hybrid_state_dict, linearize, save_linearized
+from pipeline.hybrid import linearize, save_linearized
 from pipeline.io import atomic_write_csv
 from pipeline.stage import load_blocks, load_entry, run_stage
 from pipeline.teacher import load_teacher
 from pipeline.teacher_states import TeacherStates
-from pipeline.training import checkpoint_dir, resumable
+from pipeline.training import stage_checkpoints
 from pipeline.transfer import transfer_all_blocks
 
 
@@ -40,10 +40,10 @@ def main() -> None:
         model = linearize(load_teacher(teacher.source, compute.torch_dtype, device), attention)
         states = TeacherStates.open(args.states, load_prepared(args.data), model.get_input_embeddings()).with_seq_len(
             variant.transfer_seq_len, model.config.max_position_embeddings)
-        with resumable(checkpoint_dir("attention-transfer", args.variant, {
+        with stage_checkpoints("attention-transfer", args.variant, {
                 "blocks": [teacher.to_dict(), compute.to_dict(), attention.to_dict(), cfg.to_dict()],
                 "window_dropout": variant.window_dropout.transfer, "seq_len": states.seq_len,
-                "states": states.manifest})) as checkpoints:
+                "states": states.manifest}) as checkpoints:
             outcome = transfer_all_blocks(model, states, cfg, checkpoints, run.log_step_metrics,
                                           variant.window_dropout.transfer)
             run.set_tag("unimproved_blocks", ",".join(map(str, outcome.unimproved_blocks)) or "none")
@@ -52,9 +52,7 @@ def main() -> None:
             save_linearized(model, args.out, teacher.source)
             atomic_write_csv(Path(args.plots) / "per_layer_mse.csv", outcome.per_layer_rows())
             atomic_write_csv(Path(args.plots) / "loss.csv", outcome.curve_rows())
-            trainable = sum(p.numel() for p in hybrid_state_dict(model).values()) if variant.transfer else 0
-            run.log_metrics(dict(outcome.metrics(states.seq_len, device), trainable_params=trainable),
-                            args.metrics)
+            run.log_metrics(outcome.metrics(device), args.metrics)
 
 
 if __name__ == "__main__":

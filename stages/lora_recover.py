@@ -13,8 +13,7 @@ from pipeline.hybrid import linearized_digest, load_linearized
 from pipeline.io import atomic_write_csv
 from pipeline.lora import add_lora, recover, save_student
 from pipeline.stage import load_blocks, load_entry, run_stage
-from pipeline.throughput import throughput_metrics
-from pipeline.training import checkpoint_dir, resumable
+from pipeline.training import stage_checkpoints
 
 
 def main() -> None:
@@ -30,21 +29,13 @@ def main() -> None:
         device = compute.torch_device
         model = add_lora(load_linearized(args.transfer, teacher.source, compute.torch_dtype, device), cfg,
                          train_feature_maps=not variant.transfer)
-        with resumable(checkpoint_dir("lora-recover", args.variant, {
+        with stage_checkpoints("lora-recover", args.variant, {
                 "blocks": [teacher.to_dict(), compute.to_dict(), cfg.to_dict(), variant.to_dict()],
-                "transfer": linearized_digest(args.transfer)})) as checkpoints:
-            result = recover(model, data, cfg, checkpoints / "lora.pt", run.log_step_metrics,
-                             variant.window_dropout.lora)
+                "transfer": linearized_digest(args.transfer)}) as checkpoints:
+            outcome = recover(model, data, cfg, checkpoints, run.log_step_metrics, variant.window_dropout.lora)
             save_student(model, args.out, teacher.source)
-            atomic_write_csv(Path(args.plots) / "loss.csv", result.curve_rows())
-            seq_len = len(data["train"][0]["input_ids"])
-            run.log_metrics({
-                "val_loss_start": result.initial["loss"], "val_ppl_start": result.initial["ppl"],
-                "val_loss": result.best["loss"], "val_ppl": result.best["ppl"], "updates": result.updates,
-                "train_tokens": result.items_seen * seq_len,
-                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                **throughput_metrics(result.items_seen * seq_len, result.wall_time_s, device),
-            }, args.metrics)
+            atomic_write_csv(Path(args.plots) / "loss.csv", outcome.curve_rows())
+            run.log_metrics(outcome.metrics(device), args.metrics)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,19 @@ def test_a_gap_under_two_stderrs_leaves_gap_closure_undetermined():
     assert abs(gap_closure(Score(0.51, 0.0), Score(0.50, 0.005), Score(0.52, 0.005)) - 0.5) < 1e-12  # 2.8 stderrs
 
 
+def test_transfer_tokens_are_what_attention_transfer_counted_per_block():
+    """Per block: attention-transfer's `tokens` (every block) over the cache's blocks; a variant on joined
+    sequences (transfer_seq_len 256 over 128-token chunks) reads 3 sequences as 768 tokens, not 3 chunks."""
+    lm_eval = {"teacher": scored(0.6), "lolcats": scored(0.5)}
+    per_layer = PipelineResults(prepare={"train_tokens": 768, "train_chunks": 6}, cache={"blocks": 5},
+                                transfer={"lolcats": {"tokens": 5 * 768.0}}, lora={}, lm_eval=lm_eval, window_size=64)
+    joined = PipelineResults(prepare={"train_tokens": 768, "train_chunks": 6}, cache={"blocks": 1},
+                             transfer={"lolcats_long": {"tokens": 768.0, "train_chunks_per_block": 3}}, lora={},
+                             lm_eval=lm_eval, window_size=64)
+    assert per_layer.transfer_tokens("lolcats") == joined.transfer_tokens("lolcats_long") == 768
+    assert isinstance(joined.transfer_tokens("lolcats_long"), int)
+
+
 def test_the_protocol_line_names_the_subsets_and_the_whole_tasks():
     assert _protocol({"piqa": None, "mmlu": None}).startswith("the paper's full")
     line = _protocol({"piqa": None, "arc_easy": None, "hellaswag": 2000, "mmlu": 40})

@@ -18,11 +18,13 @@ from pipeline.params import ConfigError
 from pipeline.perplexity import split_loss
 from pipeline.teacher import load_teacher
 from pipeline.teacher_states import TeacherStates, write_teacher_states
-from pipeline.training import NonFiniteError, fit, resumable
+from pipeline import training
+from pipeline.training import NonFiniteError, fit, resumable, stage_checkpoints
 from pipeline.transfer import BlockResult, NoImprovementError, TransferOutcome, train_block, transfer_all_blocks
 from tests.conftest import REPO
 
 TRANSFER = AttentionTransferConfig(epochs=2, grad_accum=2, eval_every=2)
+CPU = torch.device("cpu")
 ATTENTION = HybridConfig(window_size=16)
 
 
@@ -106,7 +108,10 @@ def test_fit_names_a_non_finite_gradient(tmp_path):
 
 def test_lora_recovers_and_the_student_reloads(stories_path, data, states, tmp_path):
     model = student(stories_path)
-    transfer_all_blocks(model, states, TRANSFER, tmp_path / "t", lambda m, s: None)
+    hybrid = sum(p.numel() for p in hybrid_state_dict(model).values())
+    transferred = transfer_all_blocks(model, states, TRANSFER, tmp_path / "t", lambda m, s: None).metrics(CPU)
+    assert transferred["trainable_params"] == hybrid  # every block trained all of its feature maps and factors
+    assert transferred["tokens"] == 3 * 2 * 6 * 128  # 3 blocks x 2 epochs x 6 chunks of 128 tokens
     save_linearized(model, tmp_path / "transfer", str(stories_path))
     cfg = LoraRecoverConfig(epochs=1, grad_accum=2, eval_every=1, lr=1e-3)
     peft_model = add_lora(model, cfg, train_feature_maps=False)
@@ -114,8 +119,13 @@ def test_lora_recovers_and_the_student_reloads(stories_path, data, states, tmp_p
     assert trainable and all("lora_" in n for n in trainable)
     # r x (in + out) per projection: q (64+64), k (64+32), v (64+32), o (64+64), 5 layers
     assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == 5 * 8 * (128 + 96 + 96 + 128)
-    result = recover(peft_model, data, cfg, tmp_path / "lora.pt", lambda m, s: None)
+    outcome = recover(peft_model, data, cfg, tmp_path / "lora", lambda m, s: None)
+    result, metrics = outcome.fit, outcome.metrics(CPU)
     assert result.best["loss"] <= result.initial["loss"] and math.isfinite(result.best["ppl"])
+    assert (tmp_path / "lora" / "lora.pt").exists()
+    assert metrics["trainable_params"] == 5 * 8 * (128 + 96 + 96 + 128)
+    assert (metrics["val_ppl_start"], metrics["val_loss"]) == (result.initial["ppl"], result.best["loss"])
+    assert metrics["train_tokens"] == metrics["tokens"] == 6 * 128 and metrics["updates"] == 3
     save_student(peft_model, tmp_path / "student", str(stories_path))
     reloaded = load_student(tmp_path / "student")
     assert split_loss(reloaded, data["validation"])["loss"] == pytest.approx(result.best["loss"], rel=1e-5)
@@ -192,11 +202,11 @@ def test_blocks_that_never_beat_their_initial_loss_are_reported_and_fail_above_t
         cfg = AttentionTransferConfig(epochs=4, grad_accum=1, eval_every=1, lr=lr, min_lr=0.0)
         result = fit({"w": p}, lambda i: {"loss": (p * p).sum()}, [0, 1], evaluate, cfg, tmp_path / f"{index}.pt",
                      f"block {index}", lambda m, s: None)
-        return BlockResult(index, [index], result, {index: result.initial["loss"]}, {index: result.best["loss"]})
+        return BlockResult(index, [index], result, {index: result.initial["loss"]}, {index: result.best["loss"]}, 3)
 
-    outcome = TransferOutcome([block(0, 0.1), block(1, 1e3), block(2, 1e3)])
+    outcome = TransferOutcome([block(0, 0.1), block(1, 1e3), block(2, 1e3)], seq_len=128)
     assert outcome.unimproved_blocks == [1, 2]
-    assert outcome.metrics(128, torch.device("cpu"))["unimproved_blocks"] == 2
+    assert outcome.metrics(CPU)["unimproved_blocks"] == 2
     with caplog.at_level("WARNING", logger="pipeline.transfer"):
         outcome.check_improvement(1.0, tmp_path)  # within the threshold: reported, not fatal
     assert [r.getMessage() for r in caplog.records] == [
@@ -214,6 +224,24 @@ def test_a_non_finite_validation_loss_stops_training(tmp_path):
     with pytest.raises(NonFiniteError, match=r"^test: non-finite validation loss \(nan\) at update 1$"):
         fit({"w": p}, lambda i: {"loss": (p * p).sum()}, [0, 1], lambda: {"loss": next(passes)}, cfg,
             tmp_path / "c.pt", "test", lambda m, s: None)
+
+
+def test_a_transfer_without_updates_trains_no_params(stories_path, states, tmp_path):
+    """The no-transfer baseline's attention-transfer (epochs 0): it counts neither tokens nor weights."""
+    outcome = transfer_all_blocks(student(stories_path), states, AttentionTransferConfig(epochs=0), tmp_path,
+                                  lambda m, s: None)
+    metrics = outcome.metrics(CPU)
+    assert (metrics["trainable_params"], metrics["tokens"], metrics["updates_per_block"]) == (0, 0.0, 0)
+    assert outcome.seq_len == 128 and all(b.trainable_params > 0 for b in outcome.blocks)
+
+
+def test_stage_checkpoints_are_keyed_by_identity_and_removed_after_success(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "CHECKPOINT_ROOT", tmp_path)
+    with stage_checkpoints("lora-recover", "lolcats", {"lr": 1}) as folder:
+        assert folder.is_dir() and folder.parent == tmp_path / "lora-recover" and folder.name.startswith("lolcats-")
+        with stage_checkpoints("lora-recover", "lolcats", {"lr": 2}) as other:
+            assert other != folder
+    assert not folder.exists() and not other.exists()
 
 
 def test_checkpoints_are_removed_after_a_training_failure_and_kept_after_an_interrupt(tmp_path):
@@ -261,6 +289,6 @@ def test_fit_and_a_block_each_leave_one_readable_summary_line(tmp_path, caplog):
                      lambda m, s: None)
     assert re.fullmatch(r"block 0: 4 updates in \d+ s; val loss 3 -> \S+ \(best at update 4\)",
                         caplog.records[-1].getMessage())
-    block = BlockResult(0, [0, 1], result, {0: 0.5, 1: 0.25}, {0: 0.125, 1: 0.0625})
+    block = BlockResult(0, [0, 1], result, {0: 0.5, 1: 0.25}, {0: 0.125, 1: 0.0625}, 3)
     assert block.summary() == ("block 0 (layers 0-1): val MSE mean 0.375 -> 0.09375 over 4 updates; "
                                "worst layer 0: 0.5 -> 0.125")

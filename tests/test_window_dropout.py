@@ -213,6 +213,6 @@ def test_attention_transfer_logs_a_decaying_window_dropout(stories_path, states,
 def test_lora_recover_logs_a_decaying_window_dropout(stories_path, data, tmp_path):
     logged = []
     cfg = LoraRecoverConfig(max_updates=3, eval_every=3)
-    recover(add_lora(student(stories_path), cfg, train_feature_maps=True), data, cfg, tmp_path / "lora.pt",
+    recover(add_lora(student(stories_path), cfg, train_feature_maps=True), data, cfg, tmp_path,
             lambda m, s: logged.append((m, s)), window_dropout=0.5)
     assert logged_series(logged, "window_dropout") == [(1, 0.5), (2, 0.25), (3, 0.0)]
