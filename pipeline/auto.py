@@ -8,7 +8,7 @@ As flash-linear-attention does for its models, importing the package registers `
     model = AutoModelForCausalLM.from_pretrained("models/lolcats/student")   # from any folder
     tokenizer = AutoTokenizer.from_pretrained("models/lolcats/student")
 
-A saved folder (`pipeline.hybrid.save_linearized`, `pipeline.lora.save_student`) holds `config.json`
+A saved folder (`pipeline.hybrid.save_linearized`, `pipeline.student.save_student`) holds `config.json`
 with model_type `lolcats` (the teacher by a stable id, the hybrid attention's config), the new weights,
 the teacher's tokenizer and, for a student, its LoRA adapter in `adapter/`. The teacher's weights are
 not copied: they come from the id (`pipeline.teacher.teacher_reference`). Without the import
@@ -22,7 +22,6 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
-from .hybrid import load_linearized
 from .hybrid.convert import MODEL_TYPE
 
 # `from_pretrained` keywords that only say where or how to download: a local folder needs none of them
@@ -60,16 +59,16 @@ class LolcatsForCausalLM:
         folder = _local_folder(pretrained_model_name_or_path, kwargs)
         device = _one_device(device_map)
         dtype = dtype if dtype is not None else torch_dtype
-        from .lora import ADAPTER_DIR, load_student  # here: lora brings training's imports (datasets), which
-        # `import pipeline` must not need (the kernels and GPU benchmarks import it on a bare torch image)
-        if (folder / ADAPTER_DIR).is_dir():
-            model = load_student(folder, teacher, dtype, device)
-            if not merge_lora:
-                return model
-            merged = model.merge_and_unload()
-            merged.lolcats_lora_merged = True  # save_linearized refuses it: the folder would lose the LoRA
-            return merged
-        return load_linearized(folder, teacher, dtype, device).eval()
+        # imported here, not by every `import pipeline` (the kernels and GPU benchmarks run it on a bare image)
+        from peft import PeftModel
+
+        from .student import load_saved
+        model, _ = load_saved(folder, teacher, dtype, device)
+        if not isinstance(model, PeftModel) or not merge_lora:
+            return model
+        merged = model.merge_and_unload()
+        merged.lolcats_lora_merged = True  # save_linearized refuses it: the folder would lose the LoRA
+        return merged
 
     @classmethod
     def from_config(cls, config, **kwargs):

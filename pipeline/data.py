@@ -170,6 +170,11 @@ def save_prepared(dataset: DatasetDict, out: str | Path) -> None:
         dataset.save_to_disk(str(tmp))
 
 
+def chunk_length(data: DatasetDict) -> int:
+    """Tokens per prepared chunk: every row of every split holds seq_len of them."""
+    return len(data["train"][0]["input_ids"])
+
+
 def load_prepared(path: str | Path) -> DatasetDict:
     """prepare-data's out, checked: splits train/validation, columns input_ids/labels."""
     dataset = load_from_disk(str(path))

@@ -1,15 +1,10 @@
-"""LoRA recovery (../shared/design/lolcats.md §3) and the complete student on disk.
+"""LoRA recovery (../shared/design/lolcats.md §3); the student it makes is saved by `pipeline.student`.
 
 peft's `LoraConfig` on q/k/v/o of every layer; `get_peft_model` freezes everything else, so the
 transferred feature maps and window factors stay fixed. The no-transfer baseline (§4) instead
 trains them together with LoRA, with the same data and steps. The loss is next-token
 cross-entropy on response tokens (prompt labels are -100).
-
-A student folder holds what `save_linearized` writes (config.json, hybrid weights, tokenizer) and the
-adapter (peft `save_pretrained`) in `adapter/`; `load_student` rebuilds the whole model from the teacher
-and them, as `AutoModelForCausalLM.from_pretrained(folder)` does after `import pipeline`.
 """
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from .config import LoraRecoverConfig
-from .hybrid import load_linearized, save_linearized
-from .teacher import teacher_id
-from .io import atomic_dir
+from .data import chunk_length
 from .perplexity import split_loss
 from .throughput import throughput_metrics
 from .training import FitResult, LogFn, WindowDropoutSchedule, fit
@@ -80,37 +73,5 @@ def recover(model: PeftModel, data: DatasetDict, cfg: LoraRecoverConfig, checkpo
         result = fit(named_params, loss, range(len(train)),
                      dropout.evaluating(lambda: split_loss(model, data["validation"])),
                      cfg, checkpoints / "lora.pt", "lora-recover", log_metrics, dropout.before_update)
-    return LoraOutcome(result, seq_len=len(train[0]["input_ids"]),
+    return LoraOutcome(result, seq_len=chunk_length(data),
                        trainable_params=sum(p.numel() for p in named_params.values()))
-
-
-ADAPTER_CONFIG = "adapter_config.json"  # peft's name for it
-ADAPTER_DIR = "adapter"  # one level down: transformers follows an adapter_config.json at the top to the teacher
-
-
-def save_student(model: PeftModel, folder: str | Path, teacher_source: str) -> None:
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp / ADAPTER_DIR)
-        _stable_adapter_config(tmp / ADAPTER_DIR / ADAPTER_CONFIG, teacher_source)
-        save_linearized(model.get_base_model(), tmp, teacher_source)
-
-
-def _stable_adapter_config(path: Path, teacher_source: str) -> None:
-    """The same weights give the same bytes: peft writes `target_modules` from a set, in an order that
-    changes from process to process (string hashing is salted), and `base_model_name_or_path` as the
-    teacher's load path (for the embedded one, a cache folder of this machine); it becomes the teacher's
-    stable id."""
-    config = json.loads(path.read_text())
-    if isinstance(config.get("target_modules"), list):
-        config["target_modules"] = sorted(config["target_modules"])
-    config["base_model_name_or_path"] = teacher_id(teacher_source)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True))  # peft's own layout
-
-
-def load_student(folder: str | Path, teacher_source: str | None = None, dtype: torch.dtype | str | None = None,
-                 device: torch.device | str = "cpu") -> PeftModel:
-    """The linearized teacher with its saved hybrid weights and LoRA adapter, ready for inference.
-    After `merge_and_unload()` the LoRA lives in the teacher's weights, which `save_linearized` does not
-    write: save the peft model (`save_student`) instead."""
-    base = load_linearized(folder, teacher_source, dtype, device)
-    return PeftModel.from_pretrained(base, str(Path(folder) / ADAPTER_DIR)).eval()

@@ -15,11 +15,12 @@ import pandas as pd
 
 from . import figures
 from .config import TEACHER, WINDOW_ONLY
+from .evaluation.suite import AVERAGES
 from .comparison import GAP_Z, LINEAR_BRANCH_GAINS, PASSKEY_BIN, POSITION_BIN, TASK_METRICS, Score, beyond_window, \
     compare, determined, gaps, linear_branch_gains, probe_bins, reach
 
 REFERENCE_MODELS = (TEACHER, WINDOW_ONLY)  # evaluated without training; the rest are variants
-ROWS = list(TASK_METRICS) + ["avg_zero_shot", "avg_all"]
+ROWS = list(TASK_METRICS) + list(AVERAGES)
 
 
 def _read_json(path: Path) -> dict:

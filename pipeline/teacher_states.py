@@ -31,6 +31,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from .config import CacheTeacherAttnConfig
+from .data import chunk_length
 from .io import DataFileError, atomic_write, atomic_write_json
 from .params import ConfigError
 from .perplexity import response_nll
@@ -191,7 +192,7 @@ def write_teacher_states(model: PreTrainedModel, data: DatasetDict, cfg: CacheTe
         raise ConfigError(f"cache-teacher-attn.block_size: must be at most the teacher's {num_layers} layers, "
                           f"got {cfg.block_size}")
     blocks = transfer_blocks(num_layers, cfg.block_size)
-    seq_len = len(data["train"][0]["input_ids"])
+    seq_len = chunk_length(data)
     chunks = {split: len(data[split]) for split in SPLITS}
     size = cache_bytes(sum(chunks.values()) * seq_len, model.config.hidden_size, len(blocks), cfg.torch_dtype)
     mode = storage_mode(cfg, size, f"{sum(chunks.values())} chunks x {seq_len} tokens x hidden "

@@ -11,7 +11,8 @@ from pipeline.config import ComputeConfig, LoraRecoverConfig, TeacherConfig, Tra
 from pipeline.data import load_prepared
 from pipeline.hybrid import linearized_digest, load_linearized
 from pipeline.io import atomic_write_csv
-from pipeline.lora import add_lora, recover, save_student
+from pipeline.lora import add_lora, recover
+from pipeline.student import save_student
 from pipeline.stage import load_blocks, load_entry, run_stage
 from pipeline.training import stage_checkpoints
 

@@ -9,7 +9,8 @@ import torch
 
 from pipeline.config import LoraRecoverConfig
 from pipeline.hybrid import HybridCache, HybridConfig, linearize, load_linearized, save_linearized
-from pipeline.lora import add_lora, save_student
+from pipeline.lora import add_lora
+from pipeline.student import save_student
 from pipeline.params import ConfigError
 from pipeline.teacher import load_teacher, teacher_reference
 from tests.conftest import REPO

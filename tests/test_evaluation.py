@@ -19,10 +19,11 @@ from pipeline.config import LmEvalConfig, LoraRecoverConfig, TaskLimits
 from pipeline.evaluation import harness
 from pipeline.evaluation.harness import evaluate_benchmarks
 from pipeline.evaluation.heldout_perplexity import alpaca_perplexity, wikitext2_perplexity
-from pipeline.evaluation.lm_model import CHECKOUT, LolcatsLM, check_checkout, load_saved
+from pipeline.evaluation.lm_model import CHECKOUT, LolcatsLM, check_checkout
 from pipeline.evaluation.suite import AVERAGES, BENCHMARKS, DATA_ROOT, TASKS_DIR, ZERO_SHOT, averages, task_names
 from pipeline.hybrid import HybridConfig, hybrid_state_dict, linearize, save_linearized
-from pipeline.lora import add_lora, save_student
+from pipeline.lora import add_lora
+from pipeline.student import load_saved, save_student
 from pipeline.params import ConfigError, build_block, read_params
 from pipeline.teacher import load_teacher, load_tokenizer
 from tests.conftest import REPO

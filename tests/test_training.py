@@ -12,7 +12,8 @@ import torch
 
 from pipeline.config import AttentionTransferConfig, CacheTeacherAttnConfig, HybridConfig, LoraRecoverConfig
 from pipeline.hybrid import hybrid_state_dict, linearize, save_linearized
-from pipeline.lora import add_lora, load_student, recover, save_student
+from pipeline.lora import add_lora, recover
+from pipeline.student import load_student, save_student
 from pipeline.io import DataFileError
 from pipeline.params import ConfigError
 from pipeline.perplexity import split_loss
@@ -259,7 +260,8 @@ SAVE_STUDENT = """
 import sys, torch
 from pipeline.config import HybridConfig, LoraRecoverConfig
 from pipeline.hybrid import linearize
-from pipeline.lora import add_lora, save_student
+from pipeline.lora import add_lora
+from pipeline.student import save_student
 from pipeline.teacher import load_teacher
 torch.manual_seed(0)
 model = add_lora(linearize(load_teacher(sys.argv[1]), HybridConfig(window_size=16)), LoraRecoverConfig(),

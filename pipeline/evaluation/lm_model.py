@@ -1,7 +1,7 @@
 """`lolcats`: lm-eval's HFLM over a linearized or student model (../shared/design/lolcats.md §5).
 
 `lm_eval --model lolcats --model_args pretrained=<folder>[,teacher=<source>]` where the folder is
-a saved student (hybrid weights + LoRA in `adapter/`, `pipeline.lora.load_student`), a transfer-only
+a saved student (hybrid weights + LoRA in `adapter/`, `pipeline.student.load_student`), a transfer-only
 folder (hybrid weights only, `pipeline.hybrid.load_linearized`), or anything else `load_teacher` reads
 (a teacher source, evaluated as the plain softmax model). A saved folder is handed to HFLM by its path
 and loaded through `AutoModelForCausalLM` (`pipeline.auto`), with the LoRA merged; its tokenizer is
@@ -20,10 +20,8 @@ from lm_eval.models.huggingface import HFLM  # importing lm_eval.models also reg
 from transformers import PreTrainedModel
 
 from ..config import DTYPES
-from ..hybrid import load_linearized
-from ..hybrid.convert import is_saved_linearized, saved_config
-from ..lora import ADAPTER_DIR, load_student
-from ..teacher import load_teacher, load_tokenizer, resolve_teacher
+from ..hybrid.convert import is_saved_linearized
+from ..teacher import load_tokenizer, resolve_teacher
 
 CHECKOUT = Path(__file__).resolve().parents[2]  # the checkout this code is from
 
@@ -40,19 +38,6 @@ def check_checkout(cwd: Path) -> None:
 
 
 check_checkout(Path.cwd())
-
-
-def load_saved(pretrained: str | Path, teacher: str | None = None, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> tuple[PreTrainedModel, str]:
-    """The model a `pretrained=` argument names, and the teacher source its tokenizer comes from."""
-    folder = Path(pretrained)
-    if not is_saved_linearized(folder):
-        source = teacher or str(pretrained)
-        return load_teacher(source, dtype, device), source
-    source = teacher or saved_config(folder)["teacher_source"]
-    if (folder / ADAPTER_DIR).is_dir():
-        return load_student(folder, teacher, dtype, device), source
-    return load_linearized(folder, teacher, dtype, device).eval(), source
 
 
 @register_model("lolcats")

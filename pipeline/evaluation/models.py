@@ -10,7 +10,7 @@ from transformers import PreTrainedModel
 from ..config import TEACHER, ComputeConfig, TeacherConfig, read_scoped_attention
 from ..hybrid import linearize
 from ..teacher import load_teacher, load_tokenizer
-from .lm_model import load_saved
+from ..student import load_saved
 
 
 def evaluated_model(source: str, teacher: TeacherConfig, compute: ComputeConfig) -> tuple[PreTrainedModel, object]:

@@ -175,7 +175,7 @@ def save_linearized(model: PreTrainedModel, folder: str | Path, teacher_source: 
     config = hybrid_config(model)
     if getattr(model, "lolcats_lora_merged", False):
         raise ValueError("this model's LoRA is merged into the teacher's weights, which a saved folder does not "
-                         "hold: load it with merge_lora=False and save it with pipeline.lora.save_student")
+                         "hold: load it with merge_lora=False and save it with pipeline.student.save_student")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.contiguous().cpu() for name, t in hybrid_state_dict(model).items()}
