@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import figures
+from . import cost, figures
 from .config import TEACHER, WINDOW_ONLY
 from .evaluation.suite import AVERAGES
 from .comparison import GAP_Z, LINEAR_BRANCH_GAINS, PASSKEY_BIN, POSITION_BIN, TASK_METRICS, Score, beyond_window, \
@@ -144,7 +144,8 @@ def _protocol(limits: dict[str, int | None]) -> str:
         + ". The standard errors say what that costs; `lm-eval.limit.<task>: null` scores every document.")
 
 
-def document(results: PipelineResults, figure_paths: dict[str, Path], limits: dict[str, int | None]) -> list[Block]:
+def document(results: PipelineResults, figure_paths: dict[str, Path], limits: dict[str, int | None],
+             gpu_steps: dict | None = None) -> list[Block]:
     models = results.ordered_models()
     table = compare({m: results.lm_eval[m] for m in models})
     doc: list[Block] = [
@@ -190,9 +191,37 @@ def document(results: PipelineResults, figure_paths: dict[str, Path], limits: di
              + [["lora-recover", v, m["train_tokens"], m["updates"], m["trainable_params"], *speed(m)]
                 for v, m in results.lora.items()]
              + [["lm-eval", m, "—", "—", "—", *speed(results.lm_eval[m])] for m in models])]
+    doc += cost_at_scale(gpu_steps)
     doc.append(("h", 2, "Figures"))
     doc += [("img", path, caption) for caption, path in figure_paths.items()]
     return doc
+
+
+def cost_at_scale(gpu_steps: dict | None) -> list[Block]:
+    """GPU-hours and memory of Llama 3 8B / 70B / 405B at the paper's budgets (`pipeline.cost`), beside LoLCATs'."""
+    doc: list[Block] = [("h", 2, "Cost at scale (projected)")]
+    if gpu_steps is None:
+        return doc + [("p", "No GPU step timing to project from: `python -m benchmarks.gpu_stage_steps` on a GPU "
+                            "writes one (benchmarks/<gpu>/gpu_stage_steps.json).")]
+    env = gpu_steps["environment"]
+    doc.append(("p", f"From one attention-transfer step and one LoRA step of a Llama-3-8B-shaped model measured on "
+                     f"{env.get('device')} ({env.get('memory_gib')} GiB; `{gpu_steps['command']}`, "
+                     f"{gpu_steps['tokens_per_step']} tokens per step), scaled by parameters per token (time) and by "
+                     f"width x depth (activations), at {cost.TOKENS_PER_STAGE / 1e6:.0f}M tokens per stage. "
+                     "GPUs: how many of that GPU hold the step with FSDP-sharded weights; `—` where the "
+                     "activations alone exceed one (activation checkpointing, a smaller batch or block-wise "
+                     "transfer). LoLCATs' figures come from other GPUs and, at 70B and 405B, other data."))
+
+    def gpus(value) -> str:
+        return "—" if value is None else str(value)
+    rows = [[r["model"], _fmt(r["params_b"], 1)]
+            + [cell for stage in cost.STAGES for cell in (_fmt(r[f"{stage}_gpu_hours"], 2),
+                                                          _fmt(r[f"{stage}_peak_gib"], 0), gpus(r[f"{stage}_gpus"]))]
+            + [_fmt(r["gpu_hours"], 2), _fmt(r["reported_gpu_hours"], 1), r["reported"]]
+            for r in cost.project(gpu_steps)]
+    header = ["model", "params (B)"] + [f"{stage} {what}" for stage in cost.STAGES
+                                        for what in ("GPU-h", "peak GiB", "GPUs")]
+    return doc + [("table", header + ["GPU-h in all", "LoLCATs GPU-h", "LoLCATs reported"], rows)]
 
 
 def probe_section(results: PipelineResults) -> list[Block]:
@@ -313,13 +342,14 @@ def _probe_points(metrics: dict[str, float], pattern: re.Pattern) -> list[tuple[
 
 
 def write_report(metrics: Path, plots: Path, out: Path, limits: dict[str, int | None],
-                 window_size: int) -> tuple[dict[str, float], list[Path]]:
-    """reports/report.md, reports/report.html and reports/figures/*.png; returns (headline metrics, files)."""
+                 window_size: int, gpu_steps: Path | None = None) -> tuple[dict[str, float], list[Path]]:
+    """reports/report.md, reports/report.html and reports/figures/*.png; returns (headline metrics, files).
+    `gpu_steps`: a benchmarks.gpu_stage_steps result the cost-at-scale table projects from."""
     from .io import atomic_write
 
     results = PipelineResults.read(metrics, window_size)
     figure_paths = draw_figures(results, plots, out / "figures")
-    doc = document(results, figure_paths, limits)
+    doc = document(results, figure_paths, limits, cost.read_steps(gpu_steps) if gpu_steps else None)
     markdown, page = out / "report.md", out / "report.html"
     atomic_write(markdown, lambda tmp: Path(tmp).write_text(to_markdown(doc, out)))
     atomic_write(page, lambda tmp: Path(tmp).write_text(to_html(doc)))
