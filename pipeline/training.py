@@ -247,15 +247,16 @@ def checkpoint_dir(stage: str, name: str, identity: Mapping) -> Path:
 
 
 @contextlib.contextmanager
-def stage_checkpoints(stage: str, name: str, identity: Mapping) -> Iterator[Path]:
+def stage_checkpoints(stage: str, name: str, identity: Mapping, remove: bool = True) -> Iterator[Path]:
     """A training stage's checkpoint folder for `name` (its variant): `checkpoint_dir` held by `resumable`.
-    Both training stages open theirs so and hand the folder to the library call, which names the files."""
-    with resumable(checkpoint_dir(stage, name, identity)) as folder:
+    Both training stages open theirs so and hand the folder to the library call, which names the files.
+    `remove=False`: leave the folder to the process that removes it (rank 0 of several)."""
+    with resumable(checkpoint_dir(stage, name, identity), remove) as folder:
         yield folder
 
 
 @contextlib.contextmanager
-def resumable(folder: Path) -> Iterator[Path]:
+def resumable(folder: Path, remove: bool = True) -> Iterator[Path]:
     """`folder` created for a stage's checkpoints and deleted when the body succeeds or training fails
     (`TrainingFailure`: resuming would fail again); any other end (a kill, an interrupt, out of
     memory) keeps it for the rerun to resume from, and the log says where it is."""
@@ -263,10 +264,12 @@ def resumable(folder: Path) -> Iterator[Path]:
     try:
         yield folder
     except TrainingFailure:
-        shutil.rmtree(folder, ignore_errors=True)
-        log.info("removed the checkpoints of the failed training in %s", folder)
+        if remove:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed the checkpoints of the failed training in %s", folder)
         raise
     except BaseException:
         log.warning("checkpoints kept in %s: a rerun with the same params resumes from them", folder)
         raise
-    shutil.rmtree(folder, ignore_errors=True)
+    if remove:
+        shutil.rmtree(folder, ignore_errors=True)

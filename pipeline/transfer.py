@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from .config import AttentionTransferConfig
 from .hybrid.attention import TransferLosses
 from .training import FitResult, LogFn, TrainingFailure, WindowDropoutSchedule, fit
+from .distributed import World
 from .teacher_states import TeacherStates
 from .throughput import throughput_metrics
 
@@ -88,8 +89,7 @@ def train_block(block: int, states: TeacherStates, model: PreTrainedModel, cfg: 
     `window_dropout`: SSD's start probability over this block's updates (`WindowDropoutSchedule`); 0 = off."""
     layers = states.blocks[block]
     weight = next(model.parameters())
-    named_params = {n: p for n, p in model.named_parameters()
-                    if p.requires_grad and any(f"layers.{i}.self_attn.hybrid." in n for i in layers)}
+    named_params = {n: p for n, p in model.named_parameters() if p.requires_grad and _in_block(n, layers)}
 
     with (transfer_mode(model, layers, with_xent=cfg.xent_factor > 0) as holders,
           WindowDropoutSchedule(model, window_dropout, cfg.seed) as dropout):
@@ -174,15 +174,32 @@ class TransferOutcome:
 
 
 def transfer_all_blocks(model: PreTrainedModel, states: TeacherStates, cfg: AttentionTransferConfig,
-                        checkpoints: Path, log_metrics: LogFn, window_dropout: float = 0.0) -> TransferOutcome:
+                        checkpoints: Path, log_metrics: LogFn, window_dropout: float = 0.0,
+                        world: World = World()) -> TransferOutcome:
     """Train every block in order (each resumes from its own checkpoint under `checkpoints`); each block
-    runs SSD's schedule over its own updates from `window_dropout` (0 = off)."""
+    runs SSD's schedule over its own updates from `window_dropout` (0 = off).
+
+    With several ranks (`world`) each trains the blocks it owns, then every block's weights are copied
+    from its owner to every rank and the results gathered, so each rank returns the same outcome and
+    holds the same model as one process training every block would: blocks share no weights, and each
+    block's data order comes from `cfg.seed` alone."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     results = []
     for block in range(len(states.blocks)):
+        if not world.owns(block):
+            continue
         def block_metrics(metrics, step, block=block):
             log_metrics({f"block_{block:02d}_{k}": v for k, v in metrics.items()}, step)
         results.append(train_block(block, states, model, cfg, checkpoints / f"block_{block:03d}.pt", block_metrics,
                                    window_dropout))
         log.info("%s", results[-1].summary())
+    if world.size > 1:
+        for block, layers in enumerate(states.blocks):
+            world.share([p for n, p in model.named_parameters() if _in_block(n, layers)], world.owner(block))
+        results = sorted((r for rank in world.all_gather(results) for r in rank), key=lambda r: r.block)
     return TransferOutcome(results, states.seq_len)
+
+
+def _in_block(name: str, layers: range) -> bool:
+    """A trainable hybrid weight (feature maps, window factors) of one of `layers`."""
+    return any(f"layers.{i}.self_attn.hybrid." in name for i in layers)

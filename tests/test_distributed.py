@@ -1,0 +1,69 @@
+"""Attention transfer over several processes (torchrun, gloo on the CPU) against one process."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.config import CacheTeacherAttnConfig
+from pipeline.distributed import World
+from pipeline.teacher import load_teacher
+from pipeline.teacher_states import write_teacher_states
+from tests.conftest import REPO
+
+SCRIPT = REPO / "tests" / "distributed" / "transfer_blocks.py"
+
+
+@pytest.fixture(scope="module")
+def states(stories_path, data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("states")
+    write_teacher_states(load_teacher(str(stories_path)), data, CacheTeacherAttnConfig(block_size=1), folder)
+    return folder  # 5 blocks, one per layer
+
+
+def torchrun(nproc: int, stories_path, states, checkpoints, out, **env) -> subprocess.Popen:
+    # one thread per process: the same arithmetic whatever the process count, so results can be bitwise
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **env)
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                             "--master-port", str(29400 + nproc), str(SCRIPT), str(stories_path), str(states),
+                             str(checkpoints), str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finished(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def test_blocks_are_dealt_round_robin():
+    assert [World(rank, 2).owns(b) for rank in (0, 1) for b in range(5)] == [True, False, True, False, True,
+                                                                             False, True, False, True, False]
+
+
+def test_two_processes_give_bitwise_the_feature_maps_and_results_of_one(stories_path, states, tmp_path):
+    for nproc in (1, 2):
+        finished(torchrun(nproc, stories_path, states, tmp_path / f"checkpoints{nproc}", tmp_path / f"out{nproc}.pt"))
+    one, two = (torch.load(tmp_path / f"out{n}.pt") for n in (1, 2))
+    assert (one["ranks"], two["ranks"]) == (1, 2)
+    assert one["weights"].keys() == two["weights"].keys()
+    assert all(torch.equal(one["weights"][k], two["weights"][k]) for k in one["weights"])
+    assert one["rows"] == two["rows"] and one["updates"] == two["updates"] and min(one["updates"]) > 0
+    # each rank checkpointed only its own blocks, into the one folder
+    assert sorted(p.name for p in (tmp_path / "checkpoints2").iterdir()) == [f"block_{b:03d}.pt" for b in range(5)]
+
+
+def test_a_killed_rank_resumes_from_its_own_checkpoints(stories_path, states, tmp_path):
+    reference = tmp_path / "reference.pt"
+    finished(torchrun(2, stories_path, states, tmp_path / "uninterrupted", reference))
+    checkpoints, out = tmp_path / "killed", tmp_path / "out.pt"
+    killed = torchrun(2, stories_path, states, checkpoints, out, KILL_AT="1:3")  # rank 1, in its first block
+    output, _ = killed.communicate(timeout=600)
+    assert killed.returncode != 0 and not out.exists(), output[-2000:]
+    assert (checkpoints / "block_001.pt").is_file()  # what rank 1 had saved before it died
+    rerun = finished(torchrun(2, stories_path, states, checkpoints, out))
+    assert "block 1 (layers 1-1): resuming at update 2 of 6" in rerun  # not trained afresh
+    resumed, expected = torch.load(out), torch.load(reference)
+    assert all(torch.equal(resumed["weights"][k], expected["weights"][k]) for k in expected["weights"])
+    assert resumed["rows"] == expected["rows"]
