@@ -67,3 +67,50 @@ def test_a_killed_rank_resumes_from_its_own_checkpoints(stories_path, states, tm
     resumed, expected = torch.load(out), torch.load(reference)
     assert all(torch.equal(resumed["weights"][k], expected["weights"][k]) for k in expected["weights"])
     assert resumed["rows"] == expected["rows"]
+
+
+def test_the_stage_under_torchrun_logs_one_mlflow_run_and_writes_what_one_process_writes(stories_path, data, states,
+                                                                                        tmp_path):
+    """`torchrun --nproc-per-node 2 -m stages.attention_transfer` in a workspace of its own: one parent run,
+    one stage run (rank 0's), and the metrics and saved weights of the same stage run alone."""
+    import json
+
+    import mlflow
+    import yaml
+    from safetensors.torch import load_file
+
+    from pipeline.config import HybridConfig
+    from pipeline.data import save_prepared
+    from pipeline.params import read_params
+
+    params = read_params(REPO / "params.yaml")
+    params["teacher"]["source"] = str(stories_path)
+    params["compute"] = {"device": "cpu", "dtype": "float32"}
+    params["attention-transfer"].update(epochs=1, eval_every=2)
+    outputs = {}
+    for nproc in (1, 2):
+        work = tmp_path / f"run{nproc}"
+        work.mkdir()
+        (work / "params.yaml").write_text(yaml.safe_dump(params))
+        (work / "attention.json").write_text(json.dumps(HybridConfig(window_size=16).to_dict()))
+        save_prepared(data, work / "prepared")
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29410"]
+                    if nproc == 2 else [sys.executable])
+        done = subprocess.run([*launcher, "-m", "stages.attention_transfer", "lolcats", "attention.json", "prepared",
+                               str(states), "transfer", "metrics.json", "plots"], cwd=work, capture_output=True,
+                              text=True, timeout=600,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+                                       MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db"))
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        runs = mlflow.MlflowClient(f"sqlite:///{work}/mlflow.db").search_runs(
+            [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{work}/mlflow.db").search_experiments()])
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        stages = [r.info.run_name for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert len(parents) == 1 and stages == ["attention-transfer@lolcats"], (nproc, stages)
+        outputs[nproc] = (json.loads((work / "metrics.json").read_text()),
+                          load_file(next((work / "transfer").glob("*.safetensors"))))
+    (one, one_weights), (two, two_weights) = outputs[1], outputs[2]
+    timing = {"tokens_per_s", "wall_time_s"}
+    assert {k: v for k, v in one.items() if k not in timing} == {k: v for k, v in two.items() if k not in timing}
+    assert one_weights.keys() == two_weights.keys()
+    assert all(torch.equal(one_weights[k], two_weights[k]) for k in one_weights)
