@@ -75,11 +75,11 @@ def test_the_stage_under_torchrun_logs_one_mlflow_run_and_writes_what_one_proces
     one stage run (rank 0's), and the metrics and saved weights of the same stage run alone."""
     import json
 
-    import mlflow
     import yaml
     from safetensors.torch import load_file
 
-    from pipeline.config import HybridConfig
+    from pipeline import tracking
+    from pipeline.config import HybridConfig, TrackingConfig
     from pipeline.data import save_prepared
     from pipeline.params import read_params
 
@@ -91,6 +91,7 @@ def test_the_stage_under_torchrun_logs_one_mlflow_run_and_writes_what_one_proces
     for nproc in (1, 2):
         work = tmp_path / f"run{nproc}"
         work.mkdir()
+        params["tracking"] = {"experiment": "distributed", "tracking_uri": f"sqlite:///{work}/mlflow.db"}
         (work / "params.yaml").write_text(yaml.safe_dump(params))
         (work / "attention.json").write_text(json.dumps(HybridConfig(window_size=16).to_dict()))
         save_prepared(data, work / "prepared")
@@ -99,11 +100,11 @@ def test_the_stage_under_torchrun_logs_one_mlflow_run_and_writes_what_one_proces
         done = subprocess.run([*launcher, "-m", "stages.attention_transfer", "lolcats", "attention.json", "prepared",
                                str(states), "transfer", "metrics.json", "plots"], cwd=work, capture_output=True,
                               text=True, timeout=600,
-                              env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
-                                       MLFLOW_TRACKING_URI=f"sqlite:///{work}/mlflow.db"))
+                              env={k: v for k, v in dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)).items()
+                                   if k != "MLFLOW_TRACKING_URI"})
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-        runs = mlflow.MlflowClient(f"sqlite:///{work}/mlflow.db").search_runs(
-            [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{work}/mlflow.db").search_experiments()])
+        client = tracking.mlflow_client(TrackingConfig(**params["tracking"]))
+        runs = client.search_runs([client.get_experiment_by_name("distributed").experiment_id])
         parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
         stages = [r.info.run_name for r in runs if "mlflow.parentRunId" in r.data.tags]
         assert len(parents) == 1 and stages == ["attention-transfer@lolcats"], (nproc, stages)
