@@ -92,6 +92,7 @@ from pipeline.teacher import load_tokenizer; load_tokenizer('SmolLM2-135M-Instru
     # Seconds each kind of stage took on the H200 with the cuts, startup included (2026-12-02).
     deadline=$(( $(date +%s) + ${CALL_S:-590} ))
     set +e
+    # ONLY_VARIANTS (with SKIP_BASELINES=1): just these variants, e.g. two measured too late last time.
     # LATER: variants whose stages go after the others' and after the two baselines (default
     # linear_only, an ablation: lolcats and no_transfer are what gap closure needs, window_only what
     # linear_branch_gain needs). SKIP_BASELINES=1 leaves out the two baselines and the report
@@ -100,6 +101,10 @@ from pipeline.teacher import load_tokenizer; load_tokenizer('SmolLM2-135M-Instru
     later=$(printf '@%s$|' ${LATER:-linear_only}); later=${later%|}
     stages=$(dvc stage list --name-only | grep -v -x -E "${baselines// /|}|report")
     [ -z "${SKIP_BASELINES:-}" ] || baselines=""
+    # ONLY_VARIANTS: the variants whose stages run (with the shared ones before them), dvc.yaml's order kept
+    if [ -n "${ONLY_VARIANTS:-}" ]; then
+      keep=$(printf '@%s$|' $ONLY_VARIANTS); stages=$(grep -E "^[^@]*$|${keep%|}" <<< "$stages")
+    fi
     order="$(grep -v -E "$later" <<< "$stages") $baselines $(grep -E "$later" <<< "$stages")"
     [ -n "${SKIP_BASELINES:-}" ] || order="$order report"
     echo "stage order: $order" | tr '\n' ' '; echo
