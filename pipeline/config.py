@@ -1,6 +1,6 @@
 """One dataclass per params.yaml block (defaults equal params.yaml; a test checks that).
 
-Blocks shared by several stages (`teacher`, `compute`, `attention`, `tracking`) come first, then one block per
+Blocks shared by several stages (`teacher`, `compute`, `distributed`, `attention`, `tracking`) come first, then one block per
 stage in pipeline order. Reading and checking rules live in `params.py`.
 """
 import json
@@ -64,6 +64,27 @@ class ComputeConfig(ParamsBlock):
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+
+@dataclass
+class DistributedConfig(ParamsBlock):
+    """How many processes each model stage runs as: `torchrun --nproc-per-node N` in dvc.yaml's commands.
+
+    One process per GPU (NCCL), or N processes on the CPU (gloo). N = 1 runs the stages as one process,
+    exactly as without torchrun. attention-transfer deals its blocks over the processes,
+    cache-teacher-attn its state shards, lora-recover its micro-batches (the model sharded by FSDP2);
+    lm-eval stays one process (`pipeline.distributed`).
+    """
+
+    BLOCK = "distributed"
+
+    nproc_per_node: int = 1
+    # FSDP2 over the processes for the frozen teacher in cache-teacher-attn: each holds 1/N of its
+    # weights, for a teacher too large for one GPU; the states are the same either way
+    shard_teacher: bool = False
+
+    def __post_init__(self) -> None:
+        self.require(self.nproc_per_node >= 1, "nproc_per_node", "must be at least 1")
 
 
 @dataclass
@@ -203,6 +224,9 @@ class LoraRecoverConfig(TrainingConfig):
     alpha: int = 16  # LoRA alpha, scale alpha / r (paper: 16)
     dropout: float = 0.0  # LoRA dropout (paper: 0)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # recompute each decoder layer's activations in the backward pass (transformers' gradient
+    # checkpointing): less memory for one more forward; the same gradients
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -210,6 +234,18 @@ class LoraRecoverConfig(TrainingConfig):
         self.require(self.alpha > 0, "alpha", "must be positive")
         self.require(0 <= self.dropout < 1, "dropout", "must lie in [0, 1)")
         self.require(len(self.target_modules) > 0, "target_modules", "must name at least one projection")
+
+    def check_processes(self, processes: int) -> None:
+        """A ConfigError unless `processes` ranks get as many of an update's forwards each: under FSDP2
+        every forward is a collective of all ranks (pipeline/sharded_training.py)."""
+        forwards = self.grad_accum // self.batch_size
+        if forwards % processes:
+            raise ConfigError(
+                f"{self.BLOCK}.grad_accum: {self.grad_accum} chunks per update are {forwards} forwards of batch_size "
+                f"{self.batch_size}, which {processes} processes (distributed.nproc_per_node) cannot share evenly; "
+                f"make grad_accum / batch_size a multiple of {processes} (e.g. grad_accum "
+                f"{self.batch_size * processes * -(-forwards // processes)}) or set distributed.nproc_per_node "
+                f"to a divisor of {forwards}")
 
 
 @dataclass
@@ -351,7 +387,7 @@ class ProbesConfig(ParamsBlock):
 
 # Every block of params.yaml, in file order; `variants` holds named VariantConfig entries.
 PARAMS_BLOCKS: tuple[type[ParamsBlock], ...] = (
-    TeacherConfig, ComputeConfig, HybridConfig, TrackingConfig, PrepareDataConfig, CacheTeacherAttnConfig,
+    TeacherConfig, ComputeConfig, DistributedConfig, HybridConfig, TrackingConfig, PrepareDataConfig, CacheTeacherAttnConfig,
     AttentionTransferConfig, LoraRecoverConfig, ProbesConfig, LmEvalConfig)
 
 
@@ -380,6 +416,7 @@ def check_params(params: dict) -> list[str]:
         if variant.transfer_seq_len is not None and variant.transfer_seq_len % chunk:
             raise ConfigError(f"{VariantConfig.BLOCK}.{name}.transfer_seq_len: must be a multiple of prepare-data.seq_len "
                               f"({chunk}), since it joins whole chunks; got {variant.transfer_seq_len}")
+    build_block(LoraRecoverConfig, params).check_processes(build_block(DistributedConfig, params).nproc_per_node)
     probes, far = build_block(ProbesConfig, params), reach(attention.window_size)
     if probes.distances[-1] < far or probes.position_bins[-2] < far:  # the report's gains need both
         raise ConfigError(f"{ProbesConfig.BLOCK}: no probe lies {far} tokens back (2 x attention.window_size "
@@ -406,5 +443,5 @@ def read_scoped_attention(path: str | Path) -> HybridConfig:
     return HybridConfig(**json.loads(path.read_text()))
 
 
-__all__ = ["AttentionTransferConfig", "CacheTeacherAttnConfig", "ComputeConfig", "HybridConfig", "LmEvalConfig", "LoraRecoverConfig",
+__all__ = ["AttentionTransferConfig", "CacheTeacherAttnConfig", "ComputeConfig", "DistributedConfig", "HybridConfig", "LmEvalConfig", "LoraRecoverConfig",
            "PrepareDataConfig", "ProbesConfig", "TeacherConfig", "TrackingConfig", "TrainingConfig", "VariantConfig"]

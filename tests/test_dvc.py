@@ -35,6 +35,10 @@ READS_ENTRY = {"attention-transfer", "lora-recover"}
 # `foreach` stages run once per entry of this block and read their own entry (`variants.${key}`)
 ENTRY_BLOCK = "variants"
 RECORD_ONLY = {"tracking"}
+# the model stages dvc.yaml starts through torchrun: the process count sits in their command (a change
+# reruns them), and the rest of the `distributed` block changes no output, so no stage lists it
+TORCHRUN = "python -m torch.distributed.run --standalone --nproc-per-node ${distributed.nproc_per_node} -m "
+LAUNCHED = {"cache-teacher-attn", "attention-transfer", "lora-recover"}
 # the gate upstream of every other stage: checks every block, records no MLflow run, writes these
 PARAMS_GATE, PARAMS_CHECKED, SCOPED_ATTENTION = "check-params", "data/params_checked.json", "data/attention"
 # stages that record no MLflow run: the gate, and the source pin, which runs at every `dvc repro`
@@ -126,7 +130,7 @@ def test_one_name_everywhere(stage):
     """Stage, script, `python -m` module and params block all match (the MLflow run name: below)."""
     name = SCRIPT_OF.get(stage, stage)
     module = f"stages.{name.replace('-', '_')}"
-    assert STAGES[stage]["cmd"].startswith(f"python -m {module} ")
+    assert STAGES[stage]["cmd"].startswith(f"{TORCHRUN if stage in LAUNCHED else 'python -m '}{module} ")
     tree = ast.parse(script(stage).read_text())
     sharing = [s for s in STAGES if SCRIPT_OF.get(s, s) == name]
     built = [arg.id for node in ast.walk(tree) if isinstance(node, ast.Call)
@@ -135,6 +139,7 @@ def test_one_name_everywhere(stage):
     blocks = {getattr(config, name).BLOCK for name in built}
     # a script shared by several stages reads what any of them depends on
     expected = (set() if stage in UNTRACKED else set(RECORD_ONLY)) | ({name} & set(CLASSES))
+    expected |= {"distributed"} & blocks if stage in LAUNCHED else set()
     for s in sharing:
         expected |= set(SHARED_READS[s]) | ({ENTRY_BLOCK} if s in READS_ENTRY else set())
     assert blocks == expected
@@ -170,7 +175,8 @@ def _stage_run_name(stage: str, spec: dict) -> str | None:
     call = next(node for node in ast.walk(ast.parse(script(stage).read_text()))
                 if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "stage_run")
     first = call.args[0]
-    words = spec["cmd"].split()
+    words = spec["cmd"].removeprefix(TORCHRUN).replace("python -m ", "", 1).split()
+    words = ["python", "-m", *words]  # words[3]: the command's first argument
     if isinstance(first, ast.Constant):
         return first.value
     if isinstance(first, ast.Attribute) and first.attr == "stage":  # the command names its stage
