@@ -10,10 +10,17 @@ means complete) and shards `{split}-{shard:04d}.safetensors`, each holding `bloc
 [n, T, hidden] for up to CHUNKS_PER_SHARD chunks. Shards are written atomically and a restarted
 run skips those already there, so a killed stage resumes. Reads are memory-mapped.
 
+Under `torchrun --nproc-per-node N` shard i of each split is computed and written by rank i % N
+(`World.items`), each rank skipping its shards already there; rank 0 alone starts or resumes the folder
+(before any rank writes, by a barrier) and, once every rank is done, writes the manifest. With the
+teacher sharded by FSDP2 (`distributed.shard_teacher`) each forward is a collective, so the ranks run
+the same number of them, one with less work repeating a chunk. N = 1 runs as one process, as always.
+
 `cache-teacher-attn.states: online` (or `auto` with a cache above `max_cache_gb`) writes no shards:
 the manifest then says so, and attention-transfer trains every layer as one joint block from the
 token embeddings, with the teacher's attention run on the fly inside each layer (upstream's joint
-recipe; a paper-scale cache would need ~345 GB for SmolLM2-135M at block_size 1).
+recipe; a paper-scale cache would need ~345 GB for SmolLM2-135M at block_size 1). Nothing is split
+then: rank 0 runs the validation forwards (the teacher's perplexity) and writes the manifest.
 """
 import dataclasses
 import json
@@ -27,11 +34,13 @@ import torch
 from datasets import DatasetDict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from .config import CacheTeacherAttnConfig
 from .data import chunk_length
+from .distributed import World
 from .io import DataFileError, atomic_write, atomic_write_json
 from .params import ConfigError
 from .perplexity import response_nll
@@ -182,10 +191,17 @@ def storage_mode(cfg: CacheTeacherAttnConfig, size: int, describe: str) -> str:
         "or set states: online (nothing on disk)")
 
 
+def shard_teacher(model: PreTrainedModel, world: World) -> None:
+    """FSDP2 over the ranks for the frozen teacher (`distributed.shard_teacher`): each decoder layer, the
+    classes HF names in `_no_split_modules`, is one unit whose weights are gathered in turn."""
+    world.fully_shard(model, [m for m in model.modules() if type(m).__name__ in model._no_split_modules])
+
+
 @torch.no_grad()
 def write_teacher_states(model: PreTrainedModel, data: DatasetDict, cfg: CacheTeacherAttnConfig,
-                         folder: str | Path) -> dict[str, float]:
-    """Run the teacher over every chunk; returns metrics (size, tokens, teacher validation perplexity)."""
+                         folder: str | Path, world: World = World()) -> dict[str, float]:
+    """Run the teacher over every chunk, this rank's shards of them (`world`); returns the whole job's
+    metrics (size, tokens, teacher validation perplexity) on every rank."""
     folder = Path(folder)
     num_layers = model.config.num_hidden_layers
     if cfg.block_size > num_layers:
@@ -202,41 +218,71 @@ def write_teacher_states(model: PreTrainedModel, data: DatasetDict, cfg: CacheTe
     device = next(model.parameters()).device
 
     progress = {"config": cfg.to_dict(), "chunks": chunks, "seq_len": seq_len, "mode": mode}
-    _start_or_resume(folder, progress)
+    if world.main:
+        _start_or_resume(folder, progress)
+    world.barrier()  # no rank looks for its shards before rank 0 has kept or wiped the folder
     start = time.perf_counter()
-    val_loss, val_tokens, forward_tokens = 0.0, 0, 0
-    for split in SPLITS:
-        for first in tqdm(range(0, chunks[split], CHUNKS_PER_SHARD), desc=f"teacher states ({split})", unit="shard"):
-            shard = shard_path(folder, split, first // CHUNKS_PER_SHARD)
-            rows = data[split][first:first + CHUNKS_PER_SHARD]
-            ids, labels = torch.tensor(rows["input_ids"]), torch.tensor(rows["labels"])
-            need_states = mode == DISK and not shard.exists()
-            if not need_states and split != "validation":
-                continue
-            states: dict[str, list[torch.Tensor]] = {f"block_{b}": [] for b in range(len(blocks))}
-            for i in range(0, len(ids), cfg.batch_size):
-                batch = ids[i:i + cfg.batch_size].to(device)
-                out = model(batch, output_hidden_states=need_states)
-                forward_tokens += batch.numel()
-                if split == "validation":  # the teacher's perplexity, reported beside the students'
-                    loss, n = response_nll(out.logits, labels[i:i + cfg.batch_size].to(device))
-                    val_loss, val_tokens = val_loss + loss.item(), val_tokens + n
-                if need_states:
-                    for b, block in enumerate(blocks):  # hidden_states[l] enters layer l
-                        states[f"block_{b}"].append(out.hidden_states[block.start].to(cfg.torch_dtype).cpu())
+    todo = _shards_to_run(folder, chunks, mode, world)
+    forwards = sum(-(-min(CHUNKS_PER_SHARD, chunks[split] - shard * CHUNKS_PER_SHARD) // cfg.batch_size)
+                   for split, shard, _ in todo)
+    # FSDP2 all-gathers each layer's weights from every rank in every forward, so a rank with fewer
+    # forwards to run than another must still join the other's: it repeats a chunk, discarding the result
+    spare = max(world.all_gather(forwards)) - forwards if isinstance(model, FSDPModule) else 0
+    forward_tokens, val_nll = 0, {}  # val_nll: validation shard -> (nll, tokens) of each batch
+    desc = "teacher states" if world.size == 1 else f"teacher states (rank {world.rank})"
+    for split, shard, need_states in tqdm(todo, desc=desc, unit="shard"):
+        first = shard * CHUNKS_PER_SHARD
+        rows = data[split][first:first + CHUNKS_PER_SHARD]
+        ids, labels = torch.tensor(rows["input_ids"]), torch.tensor(rows["labels"])
+        states: dict[str, list[torch.Tensor]] = {f"block_{b}": [] for b in range(len(blocks))}
+        for i in range(0, len(ids), cfg.batch_size):
+            batch = ids[i:i + cfg.batch_size].to(device)
+            out = model(batch, output_hidden_states=need_states)
+            forward_tokens += batch.numel()
+            if split == "validation":  # the teacher's perplexity, reported beside the students'
+                loss, n = response_nll(out.logits, labels[i:i + cfg.batch_size].to(device))
+                val_nll.setdefault(shard, []).append((loss.item(), n))
             if need_states:
-                tensors = {name: torch.cat(parts).contiguous() for name, parts in states.items()}
-                atomic_write(shard, lambda tmp: save_file(tensors, tmp))
-    manifest = dict(progress, blocks=[[b.start, b.stop] for b in blocks], num_layers=num_layers,
-                    hidden_size=model.config.hidden_size)
-    atomic_write_json(folder / MANIFEST, manifest)
-    (folder / PROGRESS).unlink()
-    wall_time = time.perf_counter() - start
+                for b, block in enumerate(blocks):  # hidden_states[l] enters layer l
+                    states[f"block_{b}"].append(out.hidden_states[block.start].to(cfg.torch_dtype).cpu())
+        if need_states:
+            tensors = {name: torch.cat(parts).contiguous() for name, parts in states.items()}
+            atomic_write(shard_path(folder, split, shard), lambda tmp: save_file(tensors, tmp))
+    for _ in range(spare):
+        model(torch.tensor(data["train"][0:1]["input_ids"], device=device))
+    # each rank's own time: the job took its slowest rank's, from the barrier above to its last forward
+    done = world.all_gather((forward_tokens, time.perf_counter() - start, val_nll))
+    if world.main:  # every shard is written now: the manifest says the cache is complete
+        manifest = dict(progress, blocks=[[b.start, b.stop] for b in blocks], num_layers=num_layers,
+                        hidden_size=model.config.hidden_size)
+        atomic_write_json(folder / MANIFEST, manifest)
+        (folder / PROGRESS).unlink()
+    # summed in shard and batch order whatever the process count, so the float sum is bitwise the same
+    val_nll = {shard: nll for _, _, rank_nll in done for shard, nll in rank_nll.items()}
+    val_loss, val_tokens = 0.0, 0
+    for shard in sorted(val_nll):
+        for loss, n in val_nll[shard]:
+            val_loss, val_tokens = val_loss + loss, val_tokens + n
     return dict({
         "cache_gib": size / 2**30, "cache_tokens": sum(chunks.values()) * seq_len, "blocks": len(blocks),
         "online": float(mode == ONLINE),
         "teacher_val_loss": val_loss / val_tokens, "teacher_val_ppl": float(torch.tensor(val_loss / val_tokens).exp()),
-    }, **throughput_metrics(forward_tokens, wall_time, device))
+    }, **throughput_metrics(sum(tokens for tokens, _, _ in done), max(wall for _, wall, _ in done), device))
+
+
+def _shards_to_run(folder: Path, chunks: dict[str, int], mode: str, world: World) -> list[tuple[str, int, bool]]:
+    """(split, shard, whether its states are to be written) of each shard this rank runs the teacher on:
+    its own shards not yet on disk, and its validation shards in any case (for the perplexity). Online,
+    rank 0 runs every validation shard: there are no states to split."""
+    todo = []
+    for split in SPLITS:
+        count = -(-chunks[split] // CHUNKS_PER_SHARD)
+        mine = world.items(count) if mode == DISK else range(count if world.main else 0)
+        for shard in mine:
+            need_states = mode == DISK and not shard_path(folder, split, shard).exists()
+            if need_states or split == "validation":
+                todo.append((split, shard, need_states))
+    return todo
 
 
 def _start_or_resume(folder: Path, progress: dict) -> None:
