@@ -67,10 +67,13 @@ class FitResult:
 
 def fit(named_params: Mapping[str, torch.nn.Parameter], loss_fn: LossFn, train_items: Sequence[int],
         evaluate: EvalFn, cfg: TrainingConfig, checkpoint: Path, name: str, log_metrics: LogFn,
-        before_update: UpdateHook | None = None) -> FitResult:
+        before_update: UpdateHook | None = None, processes: "SingleProcess | None" = None) -> FitResult:
     """Train `named_params` in place; `name` (e.g. "layer 3") prefixes progress and error messages.
 
-    `before_update` runs before each update's forwards (a resumed run calls it from where it resumes)."""
+    `before_update` runs before each update's forwards (a resumed run calls it from where it resumes).
+    `processes`: who runs the update's forwards and keeps the checkpoint; None = this process alone,
+    `pipeline.sharded_training.DataParallel` = torchrun's ranks."""
+    processes = processes or SingleProcess()
     params = list(named_params.values())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -79,7 +82,7 @@ def fit(named_params: Mapping[str, torch.nn.Parameter], loss_fn: LossFn, train_i
     total_updates = updates_per_epoch * cfg.epochs
     if cfg.max_updates is not None:
         total_updates = min(total_updates, cfg.max_updates)
-    state = _load(checkpoint)
+    state = processes.resume(checkpoint, named_params, optimizer, schedule)
     if state is None:
         initial = _checked(evaluate(), name, 0)
         state = {"update": 0, "items_seen": 0, "elapsed": 0.0, "initial": initial, "best": initial,
@@ -87,14 +90,10 @@ def fit(named_params: Mapping[str, torch.nn.Parameter], loss_fn: LossFn, train_i
         log_metrics({f"val_{k}": v for k, v in initial.items()}, 0)
     else:
         log.info("%s: resuming at update %d of %d", name, state["update"], total_updates)
-        with torch.no_grad():
-            for key, p in named_params.items():
-                p.copy_(state["params"][key])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
 
     start = time.perf_counter() - state["elapsed"]
-    progress = tqdm(total=total_updates, initial=state["update"], desc=name, unit="update", leave=False)
+    progress = tqdm(total=total_updates, initial=state["update"], desc=name, unit="update", leave=False,
+                    disable=not processes.main)
     while state["update"] < total_updates:
         update = state["update"]
         epoch, step = divmod(update, updates_per_epoch)
@@ -102,17 +101,19 @@ def fit(named_params: Mapping[str, torch.nn.Parameter], loss_fn: LossFn, train_i
         batch = [train_items[i] for i in order[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
         hook_metrics = before_update(update, total_updates) if before_update is not None else {}
         totals: dict[str, float] = {}
-        for first in range(0, len(batch), cfg.batch_size):
-            micro = batch[first:first + cfg.batch_size]  # one forward; its loss is the mean over it
-            parts = loss_fn(micro)
-            for part, value in parts.items():
-                if not torch.isfinite(value):
-                    raise NonFiniteError(f"{name}: non-finite {part} ({value.item()}) at update {update + 1}")
-                totals[part] = totals.get(part, 0.0) + value.item() * len(micro) / len(batch)
-            (parts["loss"] * len(micro) / len(batch)).backward()
-        for key, p in named_params.items():
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                raise NonFiniteError(f"{name}: non-finite gradient of {key} at update {update + 1}")
+        for micro, counted in processes.micro_batches(batch, cfg.batch_size):
+            parts = loss_fn(micro)  # one forward; its loss is the mean over it
+            # its share of the update's mean, summed over the processes' forwards of this round (so a
+            # non-finite part on any of them stops all of them, before the backward)
+            shares = processes.sum({part: value.item() * counted / len(batch) for part, value in parts.items()})
+            for part, value in shares.items():
+                if not math.isfinite(value):
+                    raise NonFiniteError(f"{name}: non-finite {part} ({value}) at update {update + 1}")
+                totals[part] = totals.get(part, 0.0) + value
+            (parts["loss"] * counted / len(batch)).backward()
+        bad = processes.nonfinite_gradient(named_params)
+        if bad is not None:
+            raise NonFiniteError(f"{name}: non-finite gradient of {bad} at update {update + 1}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state["update"], state["items_seen"] = update + 1, state["items_seen"] + len(batch)
@@ -129,7 +130,7 @@ def fit(named_params: Mapping[str, torch.nn.Parameter], loss_fn: LossFn, train_i
             if metrics["loss"] < state["best"]["loss"]:
                 state["best"], state["best_params"] = metrics, _snapshot(named_params)
             state["elapsed"] = time.perf_counter() - start
-            _save(checkpoint, state, named_params, optimizer, schedule)
+            processes.save(checkpoint, state, named_params, optimizer, schedule)
     progress.close()
     with torch.no_grad():  # restore the best validation weights
         for key, p in named_params.items():
@@ -139,6 +140,44 @@ def fit(named_params: Mapping[str, torch.nn.Parameter], loss_fn: LossFn, train_i
              time.perf_counter() - start, state["initial"]["loss"], state["best"]["loss"], best_at)
     return FitResult(state["initial"], state["best"], state["update"], state["items_seen"],
                      time.perf_counter() - start, state["history"], state["train_curve"])
+
+
+class SingleProcess:
+    """`fit` as this one process: every forward of an update runs here, the checkpoint is read and
+    written here. `pipeline.sharded_training.DataParallel` runs the same loop over torchrun's ranks."""
+
+    main = True  # shows the progress bar
+
+    def micro_batches(self, batch: list[int], size: int) -> Iterator[tuple[list[int], int]]:
+        """The forwards of an update's `batch` this process runs: (items, how many of them count)."""
+        for first in range(0, len(batch), size):
+            micro = batch[first:first + size]
+            yield micro, len(micro)
+
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        """`values` summed over the processes that ran a forward of the same round: here, itself."""
+        return values
+
+    def nonfinite_gradient(self, named_params: Mapping[str, torch.nn.Parameter]) -> str | None:
+        """The first parameter with a NaN or Inf in its gradient, or None."""
+        return next((key for key, p in named_params.items()
+                     if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+
+    def resume(self, path: Path, named_params: Mapping[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+               schedule: torch.optim.lr_scheduler.ReduceLROnPlateau) -> dict | None:
+        """The checkpoint's loop state with its weights, optimizer and schedule loaded, or None (none to resume)."""
+        state = _load(path)
+        if state is not None:
+            with torch.no_grad():
+                for key, p in named_params.items():
+                    p.copy_(state["params"][key])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+        return state
+
+    def save(self, path: Path, state: dict, named_params: Mapping[str, torch.nn.Parameter],
+             optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.ReduceLROnPlateau) -> None:
+        _save(path, state, named_params, optimizer, schedule)
 
 
 def _checked(metrics: Mapping[str, float], name: str, update: int) -> dict[str, float]:
@@ -206,6 +245,7 @@ class WindowDropoutSchedule:
         self.start, self.seed = start, seed
         self.layers = [m for m in model.modules() if isinstance(m, HybridAttention)]
         self.modes = [layer.training for layer in self.layers]
+        self.probability = 0.0  # this update's
 
     def __enter__(self) -> "WindowDropoutSchedule":
         return self
@@ -218,12 +258,20 @@ class WindowDropoutSchedule:
     def before_update(self, update: int, total: int) -> dict[str, float]:
         if self.start == 0:
             return {}
-        probability = window_dropout_at(self.start, update, total)
+        self.probability = window_dropout_at(self.start, update, total)
         torch.manual_seed(self.seed * 1_000_003 + update)
         for layer in self.layers:
-            layer.window_dropout = probability
+            layer.window_dropout = self.probability
             layer.train()
-        return {"window_dropout": probability}
+        return {"window_dropout": self.probability}
+
+    def skip_forward(self) -> None:
+        """Move torch's default RNG past one training forward's draws (a coin per hybrid layer, when
+        p > 0) without running it: a rank that leaves a micro-batch of the update to another rank then
+        draws for its own micro-batches the coins one process draws for them."""
+        if self.probability > 0:
+            for _ in self.layers:
+                torch.rand(())
 
     def evaluating(self, evaluate: EvalFn) -> EvalFn:
         if self.start == 0:
