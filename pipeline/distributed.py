@@ -5,15 +5,18 @@ torch.distributed (NCCL on CUDA, gloo on the CPU) and leaves it at the end. With
 N = 1) nothing is initialised and the stage runs as one process, exactly as it always has.
 Attention transfer spreads its independent blocks over the ranks (`World.owns`); what each rank
 trained is then shared, so that every rank, and rank 0 which writes the stage's outputs and is the
-only one to log to MLflow, ends with the whole model.
+only one to log to MLflow, ends with the whole model. cache-teacher-attn deals its state shards the
+same way (`World.items`) and can shard the frozen teacher over the ranks with FSDP2 (`World.fully_shard`).
 """
 import contextlib
 import os
+import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed import fsdp
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,23 @@ class World:
             for tensor in tensors:
                 dist.broadcast(tensor.data, src=owner)
 
+    def items(self, count: int) -> range:
+        """The indices among `count` items this rank takes: dealt round-robin, as `owner` deals blocks."""
+        return range(self.rank, count, self.size)
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here (e.g. until rank 0 has prepared an output folder)."""
+        if self.size > 1:
+            dist.barrier()
+
+    def fully_shard(self, model: torch.nn.Module, layers: Iterable[torch.nn.Module]) -> None:
+        """FSDP2 over the ranks, in place: each of `layers`, then the rest of `model`, holds 1/N of its
+        weights on each rank; a forward all-gathers each layer's exact weights just before using it, so
+        it computes what the unsharded model does, but every forward is a collective of all ranks."""
+        for layer in layers:
+            fsdp.fully_shard(layer)
+        fsdp.fully_shard(model)
+
 
 @contextlib.contextmanager
 def world(device: torch.device) -> Iterator[World]:
@@ -63,8 +83,16 @@ def world(device: torch.device) -> Iterator[World]:
     if size == 1:
         yield World()
         return
+    # torchrun stops the other ranks with SIGTERM when one fails; raised as an exception here, it unwinds
+    # the stage, whose MLflow run (rank 0's) is then marked FAILED instead of being left RUNNING
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     finally:
         dist.destroy_process_group()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(f"stopped by signal {signum} (SIGTERM): torchrun stops every rank when one of them fails")

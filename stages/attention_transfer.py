@@ -62,6 +62,7 @@ def main() -> None:
                                               variant.window_dropout.transfer, world)
                 if not world.main:
                     return
+                run.set_tag("world_size", str(world.size))
                 run.set_tag("unimproved_blocks", ",".join(map(str, outcome.unimproved_blocks)) or "none")
                 outcome.check_improvement(cfg.max_unimproved_frac, checkpoints)
 

@@ -69,17 +69,14 @@ def test_a_killed_rank_resumes_from_its_own_checkpoints(stories_path, states, tm
     assert resumed["rows"] == expected["rows"]
 
 
-def test_the_stage_under_torchrun_logs_one_mlflow_run_and_writes_what_one_process_writes(stories_path, data, states,
-                                                                                        tmp_path):
-    """`torchrun --nproc-per-node 2 -m stages.attention_transfer` in a workspace of its own: one parent run,
-    one stage run (rank 0's), and the metrics and saved weights of the same stage run alone."""
+def stage_workspace(work, stories_path, data) -> dict:
+    """A folder to run `stages.attention_transfer` in: its params.yaml (stories260K, an MLflow store of its
+    own), the attention config and the prepared data; returns the params."""
     import json
 
     import yaml
-    from safetensors.torch import load_file
 
-    from pipeline import tracking
-    from pipeline.config import HybridConfig, TrackingConfig
+    from pipeline.config import HybridConfig
     from pipeline.data import save_prepared
     from pipeline.params import read_params
 
@@ -87,24 +84,50 @@ def test_the_stage_under_torchrun_logs_one_mlflow_run_and_writes_what_one_proces
     params["teacher"]["source"] = str(stories_path)
     params["compute"] = {"device": "cpu", "dtype": "float32"}
     params["attention-transfer"].update(epochs=1, eval_every=2)
+    params["tracking"] = {"experiment": "distributed", "tracking_uri": f"sqlite:///{work}/mlflow.db"}
+    work.mkdir()
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    (work / "attention.json").write_text(json.dumps(HybridConfig(window_size=16).to_dict()))
+    save_prepared(data, work / "prepared")
+    return params
+
+
+def transfer_stage(launcher: list[str], work, states) -> list[str]:
+    return [*launcher, "-m", "stages.attention_transfer", "lolcats", "attention.json", "prepared", str(states),
+            "transfer", "metrics.json", "plots"]
+
+
+STAGE_ENV = {k: v for k, v in dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)).items()
+             if k != "MLFLOW_TRACKING_URI"}
+
+
+def mlflow_runs(params: dict) -> list:
+    from pipeline import tracking
+    from pipeline.config import TrackingConfig
+
+    client = tracking.mlflow_client(TrackingConfig(**params["tracking"]))
+    experiment = client.get_experiment_by_name("distributed")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def test_the_stage_under_torchrun_logs_one_mlflow_run_and_writes_what_one_process_writes(stories_path, data, states,
+                                                                                        tmp_path):
+    """`torchrun --nproc-per-node 2 -m stages.attention_transfer` in a workspace of its own: one parent run,
+    one stage run (rank 0's), and the metrics and saved weights of the same stage run alone."""
+    import json
+
+    from safetensors.torch import load_file
+
     outputs = {}
     for nproc in (1, 2):
         work = tmp_path / f"run{nproc}"
-        work.mkdir()
-        params["tracking"] = {"experiment": "distributed", "tracking_uri": f"sqlite:///{work}/mlflow.db"}
-        (work / "params.yaml").write_text(yaml.safe_dump(params))
-        (work / "attention.json").write_text(json.dumps(HybridConfig(window_size=16).to_dict()))
-        save_prepared(data, work / "prepared")
+        params = stage_workspace(work, stories_path, data)
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29410"]
                     if nproc == 2 else [sys.executable])
-        done = subprocess.run([*launcher, "-m", "stages.attention_transfer", "lolcats", "attention.json", "prepared",
-                               str(states), "transfer", "metrics.json", "plots"], cwd=work, capture_output=True,
-                              text=True, timeout=600,
-                              env={k: v for k, v in dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)).items()
-                                   if k != "MLFLOW_TRACKING_URI"})
+        done = subprocess.run(transfer_stage(launcher, work, states), cwd=work, capture_output=True, text=True,
+                              timeout=600, env=STAGE_ENV)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-        client = tracking.mlflow_client(TrackingConfig(**params["tracking"]))
-        runs = client.search_runs([client.get_experiment_by_name("distributed").experiment_id])
+        runs = mlflow_runs(params)
         parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
         stages = [r.info.run_name for r in runs if "mlflow.parentRunId" in r.data.tags]
         assert len(parents) == 1 and stages == ["attention-transfer@lolcats"], (nproc, stages)
@@ -115,3 +138,27 @@ def test_the_stage_under_torchrun_logs_one_mlflow_run_and_writes_what_one_proces
     assert {k: v for k, v in one.items() if k not in timing} == {k: v for k, v in two.items() if k not in timing}
     assert one_weights.keys() == two_weights.keys()
     assert all(torch.equal(one_weights[k], two_weights[k]) for k in one_weights)
+
+
+def test_a_rank_that_dies_marks_the_stage_run_and_its_pipeline_run_failed(stories_path, data, states, tmp_path):
+    """Rank 1 SIGKILLed while the stage trains: torchrun stops rank 0 (SIGTERM), which marks its MLflow
+    run and the parent FAILED on the way out rather than leaving them RUNNING."""
+    import time
+
+    import psutil
+
+    work = tmp_path / "killed"
+    params = stage_workspace(work, stories_path, data)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29411"]
+    process = subprocess.Popen(transfer_stage(launcher, work, states), cwd=work, env=STAGE_ENV, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not any(r.info.run_name == "attention-transfer@lolcats" for r in mlflow_runs(params)):
+        assert process.poll() is None and time.monotonic() < deadline, "the stage ended before its MLflow run began"
+        time.sleep(0.2)
+    rank_1 = next(p for p in psutil.Process(process.pid).children(recursive=True) if p.environ().get("RANK") == "1")
+    rank_1.kill()
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0 and not (work / "metrics.json").exists(), output[-3000:]
+    status = {("stage" if "mlflow.parentRunId" in r.data.tags else "parent"): r.info.status for r in mlflow_runs(params)}
+    assert status == {"stage": "FAILED", "parent": "FAILED"}, output[-3000:]
