@@ -112,6 +112,8 @@ def run(model, column: str, batch: int, prompt: int, new_tokens: int, device: to
               "new_tokens": generated, "decode_tokens_per_s": round(batch * generated / decode_s, 1),
               "ms_per_step": round(1000 * decode_s / generated, 3), "cache_mib": round(cache_bytes(cache) / MIB, 1),
               "tokens": out[:, ids.shape[1]:].cpu()}  # main() compares the columns' tokens, then drops them
+    if column == "ours_graph":  # a capture that failed decodes eagerly: these say whether graphs ran at all
+        result.update(captures=cache.graphs.captures, replays=cache.graphs.replays, graph_failure=cache.graphs.failure)
     if device.type == "cuda":
         decode_peak = torch.cuda.max_memory_allocated(device)
         result["peak_mib"] = round(max(after_prefill, decode_peak) / MIB, 1)

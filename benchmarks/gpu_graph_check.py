@@ -58,7 +58,8 @@ def cases(model, device: torch.device) -> dict[str, dict[str, Any]]:
             cache = HybridCache(cuda_graph=graph)
             outputs.append(model.generate(ids.to(device), past_key_values=cache, **kwargs))
         results[name] = {"equal": torch.equal(*outputs), "tokens": outputs[1].shape[1] - ids.shape[1],
-                         "captures": cache.graphs.captures, "replays": cache.graphs.replays}
+                         "captures": cache.graphs.captures, "replays": cache.graphs.replays,
+                         "failure": cache.graphs.failure}
     # a returned cache continues: the second turn's several tokens prefill eagerly, then steps replay
     turns = []
     for graph in (False, True):
@@ -68,7 +69,7 @@ def cases(model, device: torch.device) -> dict[str, dict[str, Any]]:
         turns.append(model.generate(turn, max_new_tokens=12, do_sample=False, past_key_values=out.past_key_values))
     graphs = out.past_key_values.graphs
     results["continued_cache"] = {"equal": torch.equal(*turns), "tokens": 24, "captures": graphs.captures,
-                                  "replays": graphs.replays}
+                                  "replays": graphs.replays, "failure": graphs.failure}
     return results
 
 
@@ -86,6 +87,8 @@ def main() -> None:
         result["windows"][window] = cases(swapped(args.model, window, device, dtype), device)
         print(window, result["windows"][window], flush=True)
     result["all_equal"] = all(case["equal"] for w in result["windows"].values() for case in w.values())
+    # equal tokens prove nothing where no graph replayed (a failed capture decodes eagerly)
+    result["all_replayed"] = all(case["replays"] > 0 for w in result["windows"].values() for case in w.values())
     print("wrote", write_result(results_dir(args.out, device), "gpu_graph_check", result))
 
 

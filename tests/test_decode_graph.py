@@ -1,5 +1,6 @@
 """`HybridCache(cuda_graph=True)` on the CPU: the static-buffer logic a captured decode step relies on,
 and the graph path refused with its reason. Replaying graphs needs CUDA: benchmarks/gpu_generate.py."""
+import contextlib
 import logging
 
 import pytest
@@ -90,3 +91,47 @@ def test_each_refusal_names_why(model, monkeypatch):
         "the step asks for ['output_hidden_states'], which a captured step does not return; decoding eagerly")
     assert step_refusal(cache, {"input_ids": ids[:, :1], "attention_mask": torch.ones(1, 1, 1, 4)}) == (
         "a custom (non 2-D) attention mask; decoding eagerly")
+
+
+def test_a_failed_capture_is_logged_with_its_cause_and_the_cache_decodes_eagerly(model, monkeypatch, caplog):
+    """What a CUDA capture that cannot record an op leaves: one warning naming the cause, the eager
+    tokens, and `failure` set so that later steps do not try again (faked here: no CUDA on the CPU)."""
+    ids = torch.tensor([[1, 403, 407, 261, 378, 426, 281, 352, 275, 270, 431]])
+    eager = model.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=HybridCache())
+    attempts = []
+
+    def failing_capture(forward, cache, kwargs):
+        attempts.append(cache.get_seq_length())
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decode_graph, "_REPORTED", set())
+    monkeypatch.setattr(decode_graph, "step_refusal", lambda cache, kwargs: None)
+    monkeypatch.setattr(decode_graph, "_on_side_stream", lambda forward, kwargs: forward(**kwargs))
+    monkeypatch.setattr(decode_graph, "_capture", failing_capture)
+    cache = HybridCache(cuda_graph=True)
+    with caplog.at_level(logging.WARNING, logger="pipeline.hybrid.decode_graph"):
+        graphed = model.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    assert torch.equal(graphed, eager)
+    assert len(attempts) == 1 and cache.graphs.captures == 0 and cache.graphs.replays == 0
+    assert cache.graphs.failure == ("capturing the decode step failed (RuntimeError: operation not permitted when "
+                                    "stream is capturing); decoding eagerly")
+    assert [r.getMessage() for r in caplog.records] == [f"HybridCache(cuda_graph=True): {cache.graphs.failure}"]
+
+
+def test_a_capture_interrupted_mid_step_puts_the_host_side_counters_back(model, monkeypatch):
+    """A capture stopped between a layer's update and its attend leaves the cache as before it."""
+    cache = prefilled(model, torch.tensor([[1, 403, 407]]))
+    seen = [layer.seen for layer in cache.layers]
+
+    def interrupted(**kwargs):
+        cache.layers[0].update(torch.zeros(1), torch.zeros(1))  # awaiting_attend, as mid-layer
+        for layer in cache.layers:
+            layer.seen += 1
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+    with pytest.raises(RuntimeError, match="not permitted when stream is capturing"):
+        decode_graph._capture(interrupted, cache, {"input_ids": torch.tensor([[5]])})
+    assert [layer.seen for layer in cache.layers] == seen
+    assert not any(layer.awaiting_attend for layer in cache.layers)

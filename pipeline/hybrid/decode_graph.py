@@ -17,7 +17,8 @@ runs eagerly. A state reallocated by beam search (`reorder_cache`) is recaptured
 
 Refused with one log line each (the call then runs eagerly): a cache on the CPU, a layer that keeps
 a stock cache (conv/SSM or KV: transformers' own updates may sync with the host), and a step asking
-for more than logits (hidden states, attentions).
+for more than logits (hidden states, attentions). A capture that fails (an op CUDA cannot record)
+is logged with its cause, and that cache decodes eagerly from then on; `failure` says why.
 """
 import logging
 from dataclasses import dataclass, field
@@ -125,10 +126,11 @@ class DecodeGraphs:
     warmed: set[int] = field(default_factory=set)
     captures: int = 0
     replays: int = 0
+    failure: str | None = None  # why a capture failed: this cache then decodes eagerly (logged once)
 
     def step(self, forward, cache, kwargs: dict) -> CausalLMOutputWithPast:
         """One decode step through the graph where it can be, else `forward(**kwargs)` (logged once)."""
-        reason = step_refusal(cache, kwargs)
+        reason = self.failure or step_refusal(cache, kwargs)
         if reason is not None:
             if reason not in _REPORTED:
                 _REPORTED.add(reason)
@@ -147,7 +149,15 @@ class DecodeGraphs:
             if batch not in self.warmed:
                 self.warmed.add(batch)
                 return _on_side_stream(forward, kwargs)
-            step = self.captured[batch] = _capture(forward, cache, kwargs)
+            try:
+                step = self.captured[batch] = _capture(forward, cache, kwargs)
+            except RuntimeError as e:  # torch.AcceleratorError too: an op the capture cannot record
+                # the capture ran no kernel, so the state is untouched and this step can run eagerly
+                self.failure = f"capturing the decode step failed ({type(e).__name__}: {e}); decoding eagerly"
+                if self.failure not in _REPORTED:
+                    _REPORTED.add(self.failure)
+                    log.warning("HybridCache(cuda_graph=True): %s", self.failure, exc_info=True)
+                return forward(**kwargs)
             self.captures += 1
         step.inputs.load(kwargs, cache.get_seq_length())
         step.graph.replay()
@@ -178,8 +188,10 @@ def _capture(forward, cache, kwargs: dict) -> CapturedStep:
     step_kwargs = dict(inputs.as_kwargs(), past_key_values=cache, use_cache=True, return_dict=True)
     if kwargs.get("logits_to_keep") is not None:
         step_kwargs["logits_to_keep"] = kwargs["logits_to_keep"]
-    with torch.cuda.graph(graph):
-        logits = forward(**step_kwargs).logits
-    for layer, count in zip(cache.layers, seen):
-        layer.seen = count
+    try:
+        with torch.cuda.graph(graph):
+            logits = forward(**step_kwargs).logits
+    finally:  # also after a failed capture, so that the eager step that follows starts clean
+        for layer, count in zip(cache.layers, seen):
+            layer.seen, layer.awaiting_attend = count, False
     return CapturedStep(graph, inputs, logits, state_addresses(cache), kwargs.get("logits_to_keep"))
