@@ -135,3 +135,20 @@ def test_a_capture_interrupted_mid_step_puts_the_host_side_counters_back(model, 
         decode_graph._capture(interrupted, cache, {"input_ids": torch.tensor([[5]])})
     assert [layer.seen for layer in cache.layers] == seen
     assert not any(layer.awaiting_attend for layer in cache.layers)
+
+
+def test_while_capturing_a_decode_step_reads_no_mask_on_the_host(model, monkeypatch):
+    """A capture fails on any host read (the H200 run: `bool(real.all())` in attend). While capturing,
+    the step leaves the padding check to DecodeGraphs.step, which checks the mask before each replay;
+    eagerly, a padded decode token is still refused."""
+    ids = torch.tensor([[1, 403, 407, 261, 378]])
+    padded = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    cache = prefilled(model, ids, HybridCache())
+    with torch.no_grad(), pytest.raises(ValueError, match="tokens after the prompt must not be padding"):
+        model(torch.tensor([[300]]), attention_mask=padded, past_key_values=cache, use_cache=True)
+    cache = prefilled(model, ids, HybridCache())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as under a capture on the GPU
+    with torch.no_grad():
+        model(torch.tensor([[300]]), attention_mask=padded, past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == ids.shape[1] + 1

@@ -113,7 +113,10 @@ class HybridCacheLayer(CacheLayerMixin):
         self.awaiting_attend = False
         if self.state is None:
             return self._prefill(hybrid, q, k, v, real, scale)
-        if real is not None and not bool(real.all()):
+        # a CUDA graph capture cannot read the mask on the host; the graph path checks it before each
+        # replay instead (decode_graph.DecodeGraphs.step), and sends a padded step here, eagerly
+        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()  # (the call fails without CUDA)
+        if real is not None and not capturing and not bool(real.all()):
             raise ValueError("HybridCache: tokens after the prompt must not be padding (only the prompt may be "
                              "left-padded); drop the padded columns from input_ids and attention_mask")
         if q.shape[0] != self.state.positions.shape[0]:
