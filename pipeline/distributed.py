@@ -11,7 +11,7 @@ same way (`World.items`) and can shard the frozen teacher over the ranks with FS
 import contextlib
 import os
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -67,11 +67,12 @@ class World:
         if self.size > 1:
             dist.barrier()
 
-    def fully_shard(self, model: torch.nn.Module, layers: Iterable[torch.nn.Module]) -> None:
-        """FSDP2 over the ranks, in place: each of `layers`, then the rest of `model`, holds 1/N of its
-        weights on each rank; a forward all-gathers each layer's exact weights just before using it, so
-        it computes what the unsharded model does, but every forward is a collective of all ranks."""
-        for layer in layers:
+    def fully_shard(self, model: torch.nn.Module, unit_classes: Collection[str]) -> None:
+        """FSDP2 over the ranks, in place: each module of `model` whose class is named in `unit_classes`
+        (HF's `_no_split_modules`: the decoder layers), then the rest of `model`, holds 1/N of its weights
+        on each rank; a forward all-gathers each layer's exact weights just before using it, so it
+        computes what the unsharded model does, but every forward is a collective of all ranks."""
+        for layer in [m for m in model.modules() if type(m).__name__ in unit_classes]:
             fsdp.fully_shard(layer)
         fsdp.fully_shard(model)
 

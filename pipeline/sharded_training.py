@@ -39,8 +39,7 @@ def shard(model: PeftModel, world: World) -> None:
     """FSDP2 over the ranks, in place: each decoder layer (the classes HF names in `_no_split_modules`)
     one unit, then the root; gradients are summed over the ranks, not averaged (each rank's backward
     already carries its share of the update's mean)."""
-    units = model.get_base_model()._no_split_modules
-    world.fully_shard(model, [m for m in model.modules() if type(m).__name__ in units])
+    world.fully_shard(model, model.get_base_model()._no_split_modules)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # factor 1 with sum-only collectives: a plain sum, on NCCL and gloo alike

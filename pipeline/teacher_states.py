@@ -194,7 +194,7 @@ def storage_mode(cfg: CacheTeacherAttnConfig, size: int, describe: str) -> str:
 def shard_teacher(model: PreTrainedModel, world: World) -> None:
     """FSDP2 over the ranks for the frozen teacher (`distributed.shard_teacher`): each decoder layer, the
     classes HF names in `_no_split_modules`, is one unit whose weights are gathered in turn."""
-    world.fully_shard(model, [m for m in model.modules() if type(m).__name__ in model._no_split_modules])
+    world.fully_shard(model, model._no_split_modules)
 
 
 @torch.no_grad()
