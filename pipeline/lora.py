@@ -106,7 +106,6 @@ def recover(model: PeftModel, data: DatasetDict, cfg: LoraRecoverConfig, checkpo
     `window_dropout`: SSD's start probability over the updates (`WindowDropoutSchedule`); 0 = off.
     `world` of N > 1 ranks: `model` (each rank's whole copy) is sharded in place first, and stays so;
     `pipeline.sharded_training.gathered` makes an unsharded student of it."""
-    cfg.check_processes(world.size)
     train = data["train"]
     device = next(model.parameters()).device
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

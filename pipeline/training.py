@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[list[int]], Mapping[str, torch.Tensor]]
 EvalFn = Callable[[], Mapping[str, float]]  # -> {"loss": validation loss, part: value, ...}
 LogFn = Callable[[Mapping[str, float], int], None]  # (step metrics, update)
+
+
+def no_log(metrics: Mapping[str, float], step: int) -> None:
+    """A LogFn that records nothing: what ranks other than 0 pass (rank 0 alone logs to MLflow)."""
 # (update about to run, from 0; updates this fit runs in all) -> step metrics logged with that update
 UpdateHook = Callable[[int, int], Mapping[str, float]]
 

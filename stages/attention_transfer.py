@@ -22,7 +22,7 @@ from pipeline.io import atomic_write_csv
 from pipeline.stage import load_blocks, load_entry, run_stage
 from pipeline.teacher import load_teacher
 from pipeline.teacher_states import TeacherStates
-from pipeline.training import stage_checkpoints
+from pipeline.training import no_log, stage_checkpoints
 from pipeline.transfer import transfer_all_blocks
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def main() -> None:
                     "window_dropout": variant.window_dropout.transfer, "seq_len": states.seq_len,
                     "states": states.manifest}, remove=world.main) as checkpoints:
                 outcome = transfer_all_blocks(model, states, cfg, checkpoints,
-                                              run.log_step_metrics if world.main else lambda metrics, step: None,
+                                              run.log_step_metrics if world.main else no_log,
                                               variant.window_dropout.transfer, world)
                 if not world.main:
                     return

@@ -13,7 +13,6 @@ Usage: python -m stages.lora_recover VARIANT DATA_DIR TRANSFER_DIR OUT_DIR METRI
 import argparse
 import contextlib
 import functools
-from collections.abc import Mapping
 from pathlib import Path
 
 from pipeline import distributed, tracking
@@ -25,11 +24,7 @@ from pipeline.lora import recover, student_to_train
 from pipeline.sharded_training import gathered
 from pipeline.student import save_student
 from pipeline.stage import load_blocks, load_entry, run_stage
-from pipeline.training import stage_checkpoints
-
-
-def _no_log(metrics: Mapping[str, float], step: int) -> None:
-    """Ranks other than 0 log nothing."""
+from pipeline.training import no_log, stage_checkpoints
 
 
 def main() -> None:
@@ -55,7 +50,7 @@ def main() -> None:
             if world.size > 1:  # another summation order, and another checkpoint layout: not resumed by N = 1
                 identity["processes"] = world.size
             with stage_checkpoints("lora-recover", args.variant, identity, remove=world.main) as checkpoints:
-                outcome = recover(model, data, cfg, checkpoints, run.log_step_metrics if world.main else _no_log,
+                outcome = recover(model, data, cfg, checkpoints, run.log_step_metrics if world.main else no_log,
                                   variant.window_dropout.lora, world)
                 if world.size > 1:  # the sharded weights gathered into an ordinary student on rank 0
                     model = gathered(model, student("cpu") if world.main else None)
