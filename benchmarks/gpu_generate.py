@@ -1,11 +1,11 @@
 """generate() tokens/s and peak memory of a Llama-3-8B-shaped model: HybridCache vs SDPA with its default cache.
 
 Usage (repo root): python -m benchmarks.gpu_generate [--batches 1 16 64] [--prompts 4096 32768]
-    [--new-tokens 64] [--prefill-backend auto|torch] [--out DIR] [--smoke]
+    [--new-tokens 64] [--prefill-backend auto|torch] [--compile off|regions|layers] [--out DIR] [--smoke]
 The model has Llama 3 8B's config with random bf16 weights made on the GPU, linearized with the
 default `attention` block (terrace window 64, Hedgehog 64 -> F 128). The same model object runs
 every column: `ours` (`lolcats_hybrid` with a `HybridCache`), `ours_graph` (the same with
-`HybridCache(cuda_graph=True)`: decode steps replayed from a CUDA graph) and `sdpa` with
+`HybridCache(cuda_graph=True, compile=--compile)`: decode steps replayed from a CUDA graph) and `sdpa` with
 `DynamicCache(config)` (what generate() makes by default). Every column of a (batch, prompt) gets
 the same seeded prompt, so `graph_tokens_equal_eager` compares ours_graph's greedy tokens with ours'.
 `floor_ms` is one step's weight bytes over the copy bandwidth measured in the run, and each
@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 from kernels.hybrid_attention import BACKENDS, DECODE_BACKENDS
 from pipeline.hybrid import ATTN_IMPLEMENTATION, HybridCache, HybridConfig, linearize
 from pipeline.hybrid.attention import resolve_backend
+from pipeline.hybrid.decode_graph import COMPILE_MODES
 
 from .gpu_common import MIB, copy_bandwidth_tb_s, environment, format_table, guarded, ratio, release_memory, \
     results_dir, synchronize, write_result
@@ -77,12 +78,14 @@ def fits(column: str, model, batch: int, prompt: int, new_tokens: int, device: t
     return None
 
 
-def run(model, column: str, batch: int, prompt: int, new_tokens: int, device: torch.device) -> dict[str, Any]:
+def run(model, column: str, batch: int, prompt: int, new_tokens: int, device: torch.device,
+        compile_mode: str = "off") -> dict[str, Any]:
     model.set_attn_implementation(COLUMNS[column])
     rows = max(r for r in range(1, batch + 1) if batch % r == 0 and (r * prompt <= PREFILL_TOKENS or r == 1))
     prompt_rng = torch.Generator(device=device).manual_seed(prompt * 1000 + batch)  # every column: one prompt
     ids = torch.randint(0, model.config.vocab_size, (rows, prompt), device=device, generator=prompt_rng)
-    cache = DynamicCache(config=model.config) if column == "sdpa" else HybridCache(cuda_graph=column == "ours_graph")
+    cache = DynamicCache(config=model.config) if column == "sdpa" else \
+        (HybridCache(cuda_graph=True, compile=compile_mode) if column == "ours_graph" else HybridCache(cuda_graph=False))
     release_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -144,6 +147,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, nargs="+", default=[4096, 32768])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prefill-backend", choices=["auto", "torch"], default="auto")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="off", help="ours_graph's HybridCache(compile=...)")
     parser.add_argument("--out", help="results folder (default: benchmarks/<this GPU>, e.g. benchmarks/h200)")
     parser.add_argument("--smoke", action="store_true", help="a tiny fp32 model on CPU")
     args = parser.parse_args()
@@ -165,7 +169,7 @@ def main() -> None:
         "attention": HybridConfig().to_dict(), "weights_mib": weights_mib,
         "backends": {"prefill": resolve_backend(HybridConfig().backend, device), "triton_prefill_failed": prefill_fallback,
                      "decode": resolve_backend(HybridConfig().backend, device, DECODE_BACKENDS)},
-        "prefill_tokens_limit": PREFILL_TOKENS, "new_tokens": args.new_tokens, "results": [], "goal": GOAL,
+        "graph_compile": args.compile, "prefill_tokens_limit": PREFILL_TOKENS, "new_tokens": args.new_tokens, "results": [], "goal": GOAL,
         "copy_bandwidth_tb_s": bandwidth, "floor_ms": floor_ms,
     }
     rows = result["results"]
@@ -174,8 +178,8 @@ def main() -> None:
             row: dict[str, Any] = {"prompt": prompt, "batch": batch}
             for column in COLUMNS:
                 skip = fits(column, model, batch, prompt, args.new_tokens, device)
-                row[column] = skip or guarded(lambda: run(model, column, batch, prompt, args.new_tokens, device),
-                                              device)
+                row[column] = skip or guarded(lambda: run(model, column, batch, prompt, args.new_tokens, device,
+                                                          args.compile), device)
                 shown = {k: v for k, v in row[column].items() if k != "tokens"} if isinstance(row[column], dict) else row[column]
                 print(f"prompt {prompt} batch {batch} {column}: {shown}", flush=True)
             ours, graph, sdpa = (row[c] if isinstance(row[c], dict) else {} for c in COLUMNS)

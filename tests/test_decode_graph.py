@@ -106,7 +106,7 @@ def test_a_failed_capture_is_logged_with_its_cause_and_the_cache_decodes_eagerly
 
     monkeypatch.setattr(decode_graph, "_REPORTED", set())
     monkeypatch.setattr(decode_graph, "step_refusal", lambda cache, kwargs: None)
-    monkeypatch.setattr(decode_graph, "_on_side_stream", lambda forward, kwargs: forward(**kwargs))
+    monkeypatch.setattr(decode_graph, "_warm_up", lambda forward, cache, kwargs: forward(**kwargs))
     monkeypatch.setattr(decode_graph, "_capture", failing_capture)
     cache = HybridCache(cuda_graph=True)
     with caplog.at_level(logging.WARNING, logger="pipeline.hybrid.decode_graph"):
@@ -152,3 +152,47 @@ def test_while_capturing_a_decode_step_reads_no_mask_on_the_host(model, monkeypa
     with torch.no_grad():
         model(torch.tensor([[300]]), attention_mask=padded, past_key_values=cache, use_cache=True)
     assert cache.get_seq_length() == ids.shape[1] + 1
+
+
+def test_by_default_a_cache_decodes_through_graphs_on_cuda_and_silently_eagerly_on_the_cpu(model, caplog,
+                                                                                              monkeypatch):
+    monkeypatch.setattr(decode_graph, "_REPORTED", set())
+    ids = torch.tensor([[1, 403, 407, 261, 378, 426, 281, 352]])
+    eager = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=HybridCache(cuda_graph=False))
+    default = HybridCache()
+    assert default.graphs is not None and not default.graphs.explicit
+    assert HybridCache(cuda_graph=False).graphs is None
+    with caplog.at_level(logging.DEBUG, logger="pipeline.hybrid.decode_graph"):
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=default), eager)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), eager)  # generate's own cache
+    assert caplog.records == [] and default.graphs.replays == 0
+
+
+def test_compile_needs_graphs_and_a_known_mode():
+    with pytest.raises(ValueError, match="needs CUDA graphs"):
+        HybridCache(cuda_graph=False, compile="layers")
+    with pytest.raises(ValueError, match=r"compile='fast'\): expected one of \('off', 'regions', 'layers'\)"):
+        HybridCache(compile="fast")
+
+
+@pytest.mark.parametrize("mode", ["regions", "layers"])
+def test_a_step_run_with_compiled_modules_gives_the_eager_logits_and_restores_the_modules(model, mode, monkeypatch):
+    """What the warm-up and the capture run under `compiled`: torch.compile's tracing (graph breaks at
+    the cache, one entry per layer) with its eager backend here, since Inductor's CPU build would take
+    minutes; the GPU benchmarks run Inductor (benchmarks/gpu_decode_profile.py)."""
+    modules = decode_graph.compiled_modules(model, mode)
+    names = {type(m).__name__ for m in modules}
+    assert names == ({"LlamaDecoderLayer"} if mode == "layers" else {"LlamaRMSNorm", "LlamaMLP", "LlamaRotaryEmbedding"})
+    monkeypatch.setattr(decode_graph.torch, "compile", lambda fn, **kwargs: torch._dynamo.optimize("eager")(fn))
+    ids = torch.tensor([[1, 403, 407, 261, 378, 426, 281, 352, 275, 270, 431]])
+    eager_cache, compiled_cache = prefilled(model, ids, HybridCache(cuda_graph=False)), prefilled(model, ids)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for token in (300, 301, 302):
+            step = torch.tensor([[token]])
+            expected = model(step, past_key_values=eager_cache, use_cache=True).logits
+            with decode_graph.compiled(model, mode):
+                assert all("forward" in vars(m) for m in modules)
+                got = model(step, past_key_values=compiled_cache, use_cache=True).logits
+            torch.testing.assert_close(got, expected)
+    assert not any("forward" in vars(m) for m in modules)  # the class's forward again

@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM
 from kernels.hybrid_attention import DECODE_BACKENDS, fused_recurrent_hybrid_attention
 from kernels.testing import assert_close
 from pipeline.hybrid import HybridCache, HybridConfig, linearize
+from pipeline.hybrid import attention as attention_module
+from pipeline.hybrid import cache as cache_module
 from pipeline.teacher import load_teacher, load_tokenizer
 
 WINDOW = 8  # stories260K runs: prompts of 5 and 30 tokens sit inside one window and past two
@@ -66,6 +68,23 @@ def test_the_fused_decode_kernel_generates_the_same_tokens(stories_path, monkeyp
     ids = torch.randint(3, model.config.vocab_size, (1, 14))
     reference, cached = greedy(model, ids, None, max_new_tokens=6), greedy(model, ids, HybridCache(), max_new_tokens=6)
     assert torch.equal(cached.sequences, reference.sequences)
+
+
+def test_the_decode_kernel_applying_the_feature_maps_itself_generates_the_same_tokens(stories_path, monkeypatch):
+    """Where the fused maps run (CUDA, bf16; forced here), each decode step is one kernel that applies the
+    Hedgehog maps itself (interpreted here): the same tokens as recomputing the whole sequence."""
+    monkeypatch.setitem(DECODE_BACKENDS, "torch", fused_recurrent_hybrid_attention)
+    monkeypatch.setattr(attention_module, "use_fused_feature_maps", lambda backend, device, dtype: True)
+    model = swapped_stories(stories_path, window="sliding")
+    hybrid = model.model.layers[0].self_attn.hybrid
+    assert hybrid.decode_maps("torch", torch.zeros(1)) is not None
+    calls = []
+    monkeypatch.setattr(cache_module, "fused_recurrent_hybrid_attention",
+                        lambda *args, **kwargs: calls.append(kwargs) or fused_recurrent_hybrid_attention(*args, **kwargs))
+    ids = torch.randint(3, model.config.vocab_size, (1, 14))
+    reference, cached = greedy(model, ids, None, max_new_tokens=6), greedy(model, ids, HybridCache(), max_new_tokens=6)
+    assert torch.equal(cached.sequences, reference.sequences)
+    assert calls and all(call["hedgehog"] is not None for call in calls)
 
 
 def test_sampling_is_reproducible_and_matches_recomputing(stories_path):

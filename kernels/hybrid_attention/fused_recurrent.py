@@ -15,10 +15,18 @@ Every window kind the kernel implements is an interval ending at the query, star
 `kernel_windows.window_start(p)` (the kind's rule from the registry, by its code KIND), so the keys
 leaving at step p are the positions [start(p-1), start(p)); other kinds are refused before launch.
 
+Feature maps: fq, fk come in computed, or (`hedgehog`) the kernel computes the Hedgehog map
+itself (`HedgehogMaps`) from the fp32 weights W_q, W_k [H,D,F/2] of `pipeline.hybrid.feature_maps.HedgehogFeatureMap`,
+phi(x) = max([softmax(x W_h), softmax(-x W_h)], eps), for the query and the new key: at one token a
+row the map is a [D] x [D,F/2] product per head, too small for a kernel of its own, whose launch
+cost more than the product (two per layer and step, 8.7 us each at batch 1 on an H200).
+
 Math is fp32: elementwise, plus exact ("ieee") fp32 dots when a terrace block of keys moves into S,
 so the kernel matches the PyTorch step and runs under TRITON_INTERPRET=1 on CPU. Inputs may be
 fp32, fp16 or bf16; S, z, ring_fk and every sum stay fp32.
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -26,7 +34,15 @@ import triton.language as tl
 from .kernel_windows import kernel_code, window_start
 from .ring import RingState
 
+
+class HedgehogMaps(NamedTuple):
+    """Query and key Hedgehog maps the kernel applies itself: W [H,D,F/2] fp32 each, and their clamp."""
+    weight_q: torch.Tensor
+    weight_k: torch.Tensor
+    eps: float
+
 VALUE_TILE = 32  # BV: columns of S / v per inner step
+NUM_WARPS = 4  # at batch 64 on an H200 half the time of 8 warps, equal at batch 1 (benchmarks/gpu_decode_tiles.py)
 EVICT_ROWS = 16  # keys moved into S per dot when a terrace block leaves (tl.dot needs >= 16)
 
 
@@ -40,13 +56,35 @@ def _leaving_rows(ring, j0, j_end, R: tl.constexpr, ROW: tl.constexpr, offs, mas
 
 
 @triton.jit
+def _hedgehog(x_row, w_head, D: tl.constexpr, F: tl.constexpr, offs_f, mask_f, BV: tl.constexpr, eps):
+    """phi(x) [BF] fp32 of one vector x [D] at x_row under W_h [D,F/2] at w_head: column f < F/2 is
+    softmax(u)_f, column f >= F/2 softmax(-u)_(f-F/2), u = x W_h, each clamped at eps."""
+    half = F // 2
+    first = offs_f < half
+    u = tl.zeros([offs_f.shape[0]], dtype=tl.float32)
+    for d0 in tl.static_range(0, D, BV):
+        offs_d = d0 + tl.arange(0, BV)
+        mask_d = offs_d < D
+        x = tl.load(x_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        w = tl.load(w_head + offs_d[:, None] * half + (offs_f % half)[None, :],
+                    mask=mask_d[:, None] & mask_f[None, :], other=0.0)
+        u += tl.sum(x[:, None] * w, axis=0)
+    u = tl.where(first, u, -u)
+    top = tl.where(first, tl.max(tl.where(first & mask_f, u, float("-inf")), axis=0),
+                   tl.max(tl.where(first | ~mask_f, float("-inf"), u), axis=0))
+    e = tl.where(mask_f, tl.exp(u - top), 0.0)
+    total = tl.where(first, tl.sum(tl.where(first, e, 0.0), axis=0), tl.sum(tl.where(first, 0.0, e), axis=0))
+    return tl.where(mask_f, tl.maximum(e / total, eps), 0.0)
+
+
+@triton.jit
 def _decode_step_kernel(
     q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gamma_ptr, pos_ptr,
     kv_state_ptr, k_state_ptr, ring_k_ptr, ring_v_ptr, ring_fk_ptr, y_ptr,
-    scale,
+    scale, eps,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, R: tl.constexpr,
     W: tl.constexpr, KIND: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr,
-    BF: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, EVICT: tl.constexpr,
+    HEDGEHOG: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, EVICT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // H
@@ -68,6 +106,10 @@ def _decode_step_kernel(
     mask_f = offs_f < F
 
     den = tl.zeros([], dtype=tl.float32)
+    # whether S and z change at this step: always with the window off (the new key is linear), else when
+    # keys leave the window: every step for sliding windows, once a block for terrace ones, whose
+    # other steps only read S (no write: half of S's traffic, which dominates the step in batch)
+    moves = W == 0
     if W > 0:
         # window scores: the old keys still inside, positions start .. p-1 (at slots j % R), then the new key
         start = tl.maximum(window_start(p, W, KIND), 0)
@@ -98,9 +140,14 @@ def _decode_step_kernel(
         # positions leaving the window at this step (none at p = 0)
         leave_from = tl.maximum(window_start(p - 1, W, KIND), 0)
         leave_to = tl.where(p > 0, tl.maximum(window_start(p, W, KIND), 0), 0)
+        moves = leave_to > leave_from
     if HAS_LINEAR:
-        fq = tl.load(fq_ptr + (b * H + h) * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
-        fk_new = tl.load(fk_ptr + (b * H + h) * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
+        if HEDGEHOG:  # fq_ptr, fk_ptr hold W_q, W_k [H,D,F/2]
+            fq = _hedgehog(q_row, fq_ptr + h * D * (F // 2), D, F, offs_f, mask_f, BV, eps)
+            fk_new = _hedgehog(k_row, fk_ptr + h * D * (F // 2), D, F, offs_f, mask_f, BV, eps)
+        else:
+            fq = tl.load(fq_ptr + (b * H + h) * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
+            fk_new = tl.load(fk_ptr + (b * H + h) * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
         z = tl.load(k_state_ptr + (b * H + h) * F + offs_f, mask=mask_f, other=0.0)
         if W > 0:
             for j0 in range(leave_from, leave_to, EVICT):
@@ -109,7 +156,7 @@ def _decode_step_kernel(
             tl.store(ring_fk + slot_new * F + offs_f, fk_new, mask=mask_f)
         else:  # linear-only: the new key is linear for its own query
             z += fk_new
-        tl.store(k_state_ptr + (b * H + h) * F + offs_f, z, mask=mask_f)
+        tl.store(k_state_ptr + (b * H + h) * F + offs_f, z, mask=mask_f & moves)
         den += tl.sum(fq * z, axis=0)
 
     for v0 in tl.static_range(0, D, BV):
@@ -136,7 +183,8 @@ def _decode_step_kernel(
                         state += tl.dot(tl.trans(fk_block), v_block, input_precision="ieee")
             else:
                 state += fk_new[:, None] * v_new.to(tl.float32)[None, :]
-            tl.store(kv_state + offs_f[:, None] * D + offs_v[None, :], state, mask=mask_f[:, None] & mask_v[None, :])
+            tl.store(kv_state + offs_f[:, None] * D + offs_v[None, :], state,
+                     mask=mask_f[:, None] & mask_v[None, :] & moves)
             num += tl.sum(fq[:, None] * state, axis=0)
         if W > 0:  # after every read of the leaving keys' values
             tl.store(ring_v + slot_new * D + offs_v, v_new.to(ring_v_ptr.dtype.element_ty), mask=mask_v & writes_kv)
@@ -144,26 +192,28 @@ def _decode_step_kernel(
 
 
 def _decode_step_fwd(state: RingState, q, k, v, fq, fk, gamma, window_size: int, kind: int,
-                     scale: float) -> torch.Tensor:
+                     scale: float, hedgehog, value_tile: int = VALUE_TILE,
+                     num_warps: int = NUM_WARPS) -> torch.Tensor:
     B, H, D = q.shape
     Hkv, R, F = k.shape[1], state.ring_k.shape[2], state.kv_state.shape[2]
-    linear = fq is not None
+    linear = fq is not None or hedgehog is not None
     y = torch.empty_like(q)
     dummy = q  # for tensors a mode never reads (they may be empty, and CUDA refuses null pointers)
-    linear_args = (fq, fk, state.kv_state, state.k_state, state.ring_fk) if linear else (dummy,) * 5
+    maps = hedgehog[:2] if hedgehog is not None else (fq, fk)
+    linear_args = (*maps, state.kv_state, state.k_state, state.ring_fk) if linear else (dummy,) * 5
     _decode_step_kernel[(B * H,)](
         q, k, v, *linear_args[:2], gamma if gamma is not None else dummy,
         state.positions, *linear_args[2:4], state.ring_k, state.ring_v, linear_args[4], y,
-        scale,
+        scale, hedgehog.eps if hedgehog is not None else 0.0,
         H=H, HKV=Hkv, D=D, F=F, R=R, W=window_size, KIND=kind,
-        HAS_LINEAR=linear, HAS_GAMMA=gamma is not None,
+        HAS_LINEAR=linear, HAS_GAMMA=gamma is not None, HEDGEHOG=hedgehog is not None,
         BF=max(16, triton.next_power_of_2(max(F, 1))), BC=max(16, triton.next_power_of_2(R - 1)),
-        BV=min(VALUE_TILE, max(16, triton.next_power_of_2(D))), EVICT=EVICT_ROWS, num_warps=8,
+        BV=min(value_tile, max(16, triton.next_power_of_2(D))), EVICT=EVICT_ROWS, num_warps=num_warps,
     )
     return y
 
 
-def _check_step_inputs(state: RingState, q, k, v, fq, fk, gamma, window: str) -> int:
+def _check_step_inputs(state: RingState, q, k, v, fq, fk, gamma, window: str, hedgehog) -> int:
     """-> KIND, the registry's code of `window`; ValueError for inputs the kernel cannot take."""
     kind = kernel_code(window, "fused decode step")
     B, H, D = q.shape
@@ -172,14 +222,23 @@ def _check_step_inputs(state: RingState, q, k, v, fq, fk, gamma, window: str) ->
         raise ValueError(f"expected q [B,H,D], k, v [B,Hkv,D] with Hkv={Hkv} dividing H; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     F = state.kv_state.shape[2]
-    if (fq is None) != (fk is None) or (fq is not None and (fq.shape != (B, H, F) or fk.shape != fq.shape)):
+    if hedgehog is not None:
+        if fq is not None or fk is not None:
+            raise ValueError("give fq, fk or hedgehog (the maps to apply), not both")
+        shapes = [tuple(w.shape) for w in hedgehog[:2]]
+        if len(shapes) != 2 or F % 2 or any(shape != (H, D, F // 2) for shape in shapes):
+            raise ValueError(f"expected hedgehog W_q, W_k, each [H,D,F/2]=[{H},{D},{F // 2}]; got {shapes}")
+        if any(w.dtype != torch.float32 for w in hedgehog[:2]):
+            raise ValueError("hedgehog must be fp32 (the hybrid's master weights)")
+    elif (fq is None) != (fk is None) or (fq is not None and (fq.shape != (B, H, F) or fk.shape != fq.shape)):
         raise ValueError(f"expected fq, fk [B,H,F]=[{B},{H},{F}] (or both None); got "
                          f"{None if fq is None else tuple(fq.shape)}, {None if fk is None else tuple(fk.shape)}")
     if state.kv_state.dtype != torch.float32 or state.ring_fk.dtype != torch.float32:
         raise ValueError("S, z and ring_fk must be fp32")
     if gamma is not None and gamma.shape != (H,):
         raise ValueError(f"expected gamma [H]={H}; got {tuple(gamma.shape)}")
-    tensors = [t for t in (q, k, v, fq, fk, gamma, *state.tensors()) if t is not None]
+    maps = hedgehog[:2] if hedgehog is not None else ()
+    tensors = [t for t in (q, k, v, fq, fk, gamma, *maps, *state.tensors()) if t is not None]
     if any(not t.is_contiguous() for t in state.tensors()):
         raise ValueError("the ring state must be contiguous")
     if len({t.device for t in tensors}) != 1:
@@ -198,11 +257,15 @@ def fused_recurrent_hybrid_attention(
     window_size: int,  # w; 0 = linear-only
     window: str = "sliding",
     scale: float | None = None,
+    hedgehog: HedgehogMaps | None = None,  # instead of fq, fk (which are then None)
 ) -> torch.Tensor:  # y [B,H,D] in q's dtype; `state` (S, z, rings, positions) advanced in place
-    """Decode one token per row in one kernel launch; the arguments of `hybrid_attention_ring_step`."""
-    kind = _check_step_inputs(state, q, k, v, fq, fk, gamma, window)
+    """Decode one token per row in one kernel launch; the arguments of `hybrid_attention_ring_step`,
+    or with `hedgehog` instead of fq, fk: the Hedgehog feature maps computed in the kernel."""
+    kind = _check_step_inputs(state, q, k, v, fq, fk, gamma, window, hedgehog)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     contiguous = [t.contiguous() if t is not None else None for t in (q, k, v, fq, fk, gamma)]
-    y = _decode_step_fwd(state, *contiguous, window_size, kind, scale)
+    weights = None if hedgehog is None else HedgehogMaps(hedgehog.weight_q.contiguous(),
+                                                                 hedgehog.weight_k.contiguous(), hedgehog.eps)
+    y = _decode_step_fwd(state, *contiguous, window_size, kind, scale, weights)
     state.positions += 1
     return y

@@ -55,7 +55,7 @@ class RingState:
         )
 
     def tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, f.name) for f in fields(self)]
+        return [getattr(self, name) for name in _RING_FIELDS]  # (a graph replay checks them every step)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -63,6 +63,9 @@ class RingState:
     def select_rows(self, index: torch.Tensor) -> "RingState":
         """A new state of the rows `index` (in that order, repeats allowed): beam reorder, expansion."""
         return RingState(*(t.index_select(0, index.to(t.device)) for t in self.tensors()))
+
+
+_RING_FIELDS = tuple(f.name for f in fields(RingState))  # dataclasses.fields is slow, and the fields are fixed
 
 
 def fill_ring_state(state: RingState, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -15,9 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.hybrid_attention import BACKENDS, chunk_refusal, hybrid_attention, hybrid_attention_weights
+from kernels.hybrid_attention.fused_recurrent import HedgehogMaps
 
 from .config import HybridConfig
-from .feature_maps import FEATURE_MAPS
+from .feature_maps import FEATURE_MAPS, PHI_EPS
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,14 @@ class HybridAttention(nn.Module):
             return None, None
         fused = use_fused_feature_maps(backend, q.device, q.dtype)
         return self.feature_map_q.grouped(q, fused), self.feature_map_k.grouped(k, fused)
+
+    def decode_maps(self, backend: str, q: torch.Tensor) -> HedgehogMaps | None:
+        """The feature maps for the fused decode kernel to apply itself (a map that it implements, where
+        the fused maps run: `use_fused_feature_maps`), else None: fq, fk then come from `features`."""
+        if not (self.config.uses_linear and self.feature_map_q.in_decode_kernel
+                and use_fused_feature_maps(backend, q.device, q.dtype)):
+            return None
+        return HedgehogMaps(self.feature_map_q.weight, self.feature_map_k.weight, PHI_EPS)
 
     def kernel_refusal(self, q: torch.Tensor) -> str | None:
         """Why the Triton chunk kernels cannot take this layer's inputs q [B,H,T,D], or None."""

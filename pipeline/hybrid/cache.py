@@ -40,8 +40,8 @@ from transformers import PreTrainedConfig
 from transformers.cache_utils import (Cache, CacheLayerMixin, DynamicCache, LinearAttentionCacheLayerMixin,
                                       LinearAttentionLayer)
 
-from kernels.hybrid_attention import (DECODE_BACKENDS, RingState, fill_ring_state, hybrid_attention,
-                                      hybrid_attention_decode, ring_size)
+from kernels.hybrid_attention import (DECODE_BACKENDS, RingState, fill_ring_state, fused_recurrent_hybrid_attention,
+                                      hybrid_attention, hybrid_attention_decode, ring_size)
 
 from .attention import HybridAttention, resolve_backend
 from .decode_graph import DecodeGraphs
@@ -64,6 +64,7 @@ class HybridCacheLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
+    @torch.compiler.disable  # opaque to a compiled decoder layer (decode_graph.compiled): it only keeps flags
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Only the new k, v go on: the attention reads the state through `attend`."""
@@ -107,6 +108,7 @@ class HybridCacheLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         return self.state.nbytes() if self.state is not None else 0
 
+    @torch.compiler.disable  # runs eagerly inside a compiled decoder layer: the state is updated in place
     def attend(self, hybrid: HybridAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                real: torch.Tensor | None, scale: float) -> torch.Tensor:
         """q [B,H,Tq,D], new k, v [B,Hkv,Tq,D], real [B,Tq] (None: no padding) -> y [B,H,Tq,D]."""
@@ -124,16 +126,21 @@ class HybridCacheLayer(CacheLayerMixin):
                              "start a new HybridCache() for a new batch")
         with torch.no_grad():
             ys = [self._step(hybrid, q[:, :, t], k[:, :, t], v[:, :, t], scale) for t in range(q.shape[2])]
-        return torch.stack(ys, dim=2)
+        return ys[0][:, :, None] if len(ys) == 1 else torch.stack(ys, dim=2)  # a decode step: no copy
 
     def _step(self, hybrid: HybridAttention, q, k, v, scale: float) -> torch.Tensor:
         """One token per row: q [B,H,D], k, v [B,Hkv,D] -> y [B,H,D]."""
         config = hybrid.config
         backend = resolve_backend(config.backend, q.device, DECODE_BACKENDS)
-        fq, fk = hybrid.features(q[:, :, None], k[:, :, None], backend)  # [B,H,1,F] each, or None
-        y = hybrid_attention_decode(
-            self.state, q, k, v, None if fq is None else fq[:, :, 0], None if fk is None else fk[:, :, 0],
-            hybrid.gamma(), config.effective_window_size, config.window, scale, backend)
+        maps = hybrid.decode_maps(backend, q)
+        if maps is not None:  # the kernel applies the feature maps itself: one launch for the layer
+            y = fused_recurrent_hybrid_attention(self.state, q, k, v, None, None, hybrid.gamma(),
+                                                 config.effective_window_size, config.window, scale, hedgehog=maps)
+        else:
+            fq, fk = hybrid.features(q[:, :, None], k[:, :, None], backend)  # [B,H,1,F] each, or None
+            y = hybrid_attention_decode(
+                self.state, q, k, v, None if fq is None else fq[:, :, 0], None if fk is None else fk[:, :, 0],
+                hybrid.gamma(), config.effective_window_size, config.window, scale, backend)
         self.seen += 1
         return y
 
@@ -226,12 +233,17 @@ class HybridCache(Cache):
 
     Pass it to `generate` or `forward` as `past_key_values`; a cache handed back
     (`return_dict_in_generate=True`, or the same object) continues where it stopped.
-    `cuda_graph=True`: one-token decode steps on CUDA replay one captured graph (`decode_graph.py`).
+    `cuda_graph`: one-token decode steps on CUDA replay one captured graph (`decode_graph.py`); None
+    (the default) does so where the state is on CUDA and decodes eagerly elsewhere without a word,
+    True also says why wherever it cannot, False always decodes eagerly. `compile`: see decode_graph.py.
     """
 
-    def __init__(self, cuda_graph: bool = False):
+    def __init__(self, cuda_graph: bool | None = None, compile: str = "off"):
         super().__init__(layer_class_to_replicate=HybridCacheLayer)
-        self.graphs = DecodeGraphs() if cuda_graph else None
+        if compile != "off" and cuda_graph is False:
+            raise ValueError(f"HybridCache(compile={compile!r}) compiles the captured decode step: it needs CUDA "
+                             "graphs; leave cuda_graph at its default or set it to True")
+        self.graphs = None if cuda_graph is False else DecodeGraphs(compile=compile, explicit=cuda_graph is True)
 
     def fit(self, model_config: PreTrainedConfig, linearized: set[int]) -> None:
         """Lay out every decoder layer's state before the first forward: conv/SSM layers read theirs

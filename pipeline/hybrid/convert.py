@@ -137,7 +137,7 @@ def _decode_steps_through_graphs(model: PreTrainedModel) -> None:
         cache = kwargs.get("past_key_values")
         graphed = isinstance(cache, HybridCache) and cache.graphs is not None
         if graphed and not args and is_one_token_step(cache, kwargs):
-            return cache.graphs.step(eager, cache, kwargs)
+            return cache.graphs.step(model, eager, cache, kwargs)
         return eager(*args, **kwargs)
 
     model.forward = forward

@@ -1,6 +1,7 @@
-"""The decode step of a linearized model replayed from one CUDA graph (`HybridCache(cuda_graph=True)`).
+"""The decode step of a linearized model replayed from one CUDA graph (`HybridCache`, on CUDA by default).
 
-    model.generate(ids, past_key_values=HybridCache(cuda_graph=True), ...)
+    model.generate(ids, ...)  # generate() of a linearized model makes a HybridCache(): graphs on CUDA
+    model.generate(ids, past_key_values=HybridCache(cuda_graph=True, compile="layers"), ...)
 
 Every buffer of a HybridCache has a fixed size and address from the prefill on (state S, normaliser
 z, the key/value ring, per-row positions), and each step updates them in place, on the device:
@@ -15,12 +16,19 @@ replays. Python does not run during a replay, so what the step does on the host,
 `seen` counters, is advanced here. The prefill, and any call that is not a plain one-token step,
 runs eagerly. A state reallocated by beam search (`reorder_cache`) is recaptured.
 
+`compile` (off by default) also runs the captured step's decoder layers ("layers": all but the hybrid
+attention) or its norm/MLP/rotary modules ("regions") compiled by torch.compile, whose fused kernels
+the graph then replays: fewer, larger kernels per layer, for a warm-up that takes tens of seconds
+(Inductor compiles). Measured on an H200 at the Llama-3-8B shape: benchmarks/h200/generate/README.md.
+
 Refused with one log line each (the call then runs eagerly): a cache on the CPU, a layer that keeps
 a stock cache (conv/SSM or KV: transformers' own updates may sync with the host), and a step asking
 for more than logits (hidden states, attentions). A capture that fails (an op CUDA cannot record)
 is logged with its cause, and that cache decodes eagerly from then on; `failure` says why.
 """
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +40,8 @@ log = logging.getLogger(__name__)
 STEP_INPUTS = ("input_ids", "position_ids", "cache_position")
 GRAPH_SAFE = {"attention_mask", "past_key_values", "use_cache", "return_dict", "logits_to_keep"}
 _REPORTED: set[str] = set()  # one log line per reason and process
+CPU_REFUSAL = "CUDA graphs need a CUDA device; decoding eagerly on the CPU"
+OFF_CUDA_REFUSAL = "the cache's state is not on a CUDA device; decoding eagerly"
 
 
 def step_refusal(cache, kwargs: dict) -> str | None:
@@ -39,7 +49,7 @@ def step_refusal(cache, kwargs: dict) -> str | None:
     from .cache import HybridCacheLayer  # cache.py imports this module
 
     if not torch.cuda.is_available():
-        return "CUDA graphs need a CUDA device; decoding eagerly on the CPU"
+        return CPU_REFUSAL
     stock = [i for i, layer in enumerate(cache.layers) if type(layer) is not HybridCacheLayer]
     if stock:
         return (f"layers {stock} keep a stock (KV or conv/SSM) cache, whose updates may sync with the host; "
@@ -52,7 +62,7 @@ def step_refusal(cache, kwargs: dict) -> str | None:
     if mask is not None and mask.dim() != 2:
         return "a custom (non 2-D) attention mask; decoding eagerly"
     if any(layer.state is None or layer.state.positions.device.type != "cuda" for layer in cache.layers):
-        return "the cache's state is not on a CUDA device; decoding eagerly"
+        return OFF_CUDA_REFUSAL
     return None
 
 
@@ -122,19 +132,26 @@ class CapturedStep:
 class DecodeGraphs:
     """A HybridCache's captured steps, one per batch size (`warmed`: batch sizes whose eager warm-up ran),
     and how many steps were captured and replayed."""
+    compile: str = "off"  # one of COMPILE_MODES: which modules the captured step runs compiled
+    # cuda_graph=True: every refusal is a warning. The default (on where the state is on CUDA) logs them
+    # at info, and none on the CPU, where eager decoding is simply the path
+    explicit: bool = True
     captured: dict[int, CapturedStep] = field(default_factory=dict)
     warmed: set[int] = field(default_factory=set)
     captures: int = 0
     replays: int = 0
     failure: str | None = None  # why a capture failed: this cache then decodes eagerly (logged once)
 
-    def step(self, forward, cache, kwargs: dict) -> CausalLMOutputWithPast:
-        """One decode step through the graph where it can be, else `forward(**kwargs)` (logged once)."""
+    def __post_init__(self):
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"HybridCache(compile={self.compile!r}): expected one of {COMPILE_MODES}")
+
+    def step(self, model, forward, cache, kwargs: dict) -> CausalLMOutputWithPast:
+        """One decode step of `model` through the graph where it can be, else `forward(**kwargs)`, the
+        model's eager forward (logged once)."""
         reason = self.failure or step_refusal(cache, kwargs)
         if reason is not None:
-            if reason not in _REPORTED:
-                _REPORTED.add(reason)
-                log.warning("HybridCache(cuda_graph=True): %s", reason)
+            self._report(reason)
             return forward(**kwargs)
         mask = kwargs.get("attention_mask")
         if mask is not None and not bool(mask[:, -1].all()):  # the eager step refuses these with its message
@@ -148,15 +165,15 @@ class DecodeGraphs:
         if step is None:
             if batch not in self.warmed:
                 self.warmed.add(batch)
-                return _on_side_stream(forward, kwargs)
+                with compiled(model, self.compile):
+                    return _warm_up(forward, cache, kwargs)
             try:
-                step = self.captured[batch] = _capture(forward, cache, kwargs)
+                with compiled(model, self.compile):
+                    step = self.captured[batch] = _capture(forward, cache, kwargs)
             except RuntimeError as e:  # torch.AcceleratorError too: an op the capture cannot record
                 # the capture ran no kernel, so the state is untouched and this step can run eagerly
                 self.failure = f"capturing the decode step failed ({type(e).__name__}: {e}); decoding eagerly"
-                if self.failure not in _REPORTED:
-                    _REPORTED.add(self.failure)
-                    log.warning("HybridCache(cuda_graph=True): %s", self.failure, exc_info=True)
+                self._report(self.failure, exc_info=True)
                 return forward(**kwargs)
             self.captures += 1
         step.inputs.load(kwargs, cache.get_seq_length())
@@ -166,12 +183,72 @@ class DecodeGraphs:
             layer.seen += 1
         return CausalLMOutputWithPast(logits=step.logits.clone(), past_key_values=cache)
 
+    def _report(self, reason: str, exc_info: bool = False) -> None:
+        """One log line per reason and process (see `explicit`)."""
+        if reason in _REPORTED or (not self.explicit and reason in (CPU_REFUSAL, OFF_CUDA_REFUSAL)):
+            return
+        _REPORTED.add(reason)
+        if self.explicit:
+            log.warning("HybridCache(cuda_graph=True): %s", reason, exc_info=exc_info)
+        else:
+            log.info("HybridCache (CUDA graphs by default on CUDA): %s", reason, exc_info=exc_info)
 
-def _on_side_stream(forward, kwargs: dict):
+
+COMPILE_MODES = ("off", "regions", "layers")
+
+
+def compiled_modules(model: torch.nn.Module, mode: str) -> list[torch.nn.Module]:
+    """The modules whose forward the captured step runs compiled: `regions`, the per-token modules every
+    decoder has (norms, dense MLPs, the rotary embedding), found by their class names; `layers`, the
+    decoder layers (HF's `_no_split_modules`) around the hybrid attention, which stays eager."""
+    if mode == "off":
+        return []
+    if mode == "layers":
+        units = set(getattr(model, "_no_split_modules", None) or ())
+        return [m for m in model.modules() if type(m).__name__ in units]
+    return [m for m in model.modules()
+            if type(m).__name__.endswith(("RMSNorm", "LayerNorm", "MLP", "RotaryEmbedding"))]
+
+
+@contextlib.contextmanager
+def compiled(model: torch.nn.Module, mode: str) -> Iterator[None]:
+    """Run `model`'s step with `compiled_modules` compiled by torch.compile (Inductor fuses their
+    elementwise ops, which a graph would otherwise replay as dozens of tiny kernels per layer). Only the
+    warm-up and the capture run inside: a replay runs whatever kernels were recorded, and the prefill
+    and every other call keep the eager modules. A module torch.compile cannot take runs eagerly
+    (`suppress_errors`, logged by torch)."""
+    modules = compiled_modules(model, mode)
+    for module in modules:
+        module.forward = torch.compile(module.forward, dynamic=False)
+    # layers: one recompile per layer (each guards its own layer_idx), which the default limit of 8 stops
+    limits = dict(recompile_limit=max(8, 2 * len(modules)), accumulated_recompile_limit=max(256, 8 * len(modules)))
+    try:
+        with torch._dynamo.config.patch(suppress_errors=True, **limits):
+            yield
+    finally:
+        for module in modules:
+            del module.forward
+
+
+def _graph_kwargs(inputs: StaticInputs, kwargs: dict, cache) -> dict:
+    """The keyword arguments of the step a graph records: its input buffers and the cache, no mask.
+    (Decode tokens are never padding, which is checked before each replay, and left padding of the
+    prompt lives in each row's state positions, not in the mask.)"""
+    step_kwargs = dict(inputs.as_kwargs(), past_key_values=cache, use_cache=True, return_dict=True)
+    if kwargs.get("logits_to_keep") is not None:
+        step_kwargs["logits_to_keep"] = kwargs["logits_to_keep"]
+    return step_kwargs
+
+
+def _warm_up(forward, cache, kwargs: dict):
+    """This step eagerly, on a side stream, with the arguments the capture will give it, so that every
+    kernel (Triton's, Inductor's under `compiled`) is compiled and tuned for exactly those inputs."""
+    inputs = StaticInputs.like(kwargs)
+    inputs.load(kwargs, cache.get_seq_length())
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        out = forward(**kwargs)
+        out = forward(**_graph_kwargs(inputs, kwargs, cache))
     torch.cuda.current_stream().wait_stream(stream)
     return out
 
@@ -183,11 +260,7 @@ def _capture(forward, cache, kwargs: dict) -> CapturedStep:
     inputs.load(kwargs, cache.get_seq_length())
     seen = [layer.seen for layer in cache.layers]
     graph = torch.cuda.CUDAGraph()
-    # no mask: decode tokens are never padding (checked before each replay), and left padding of the
-    # prompt lives in each row's state positions, not in the mask
-    step_kwargs = dict(inputs.as_kwargs(), past_key_values=cache, use_cache=True, return_dict=True)
-    if kwargs.get("logits_to_keep") is not None:
-        step_kwargs["logits_to_keep"] = kwargs["logits_to_keep"]
+    step_kwargs = _graph_kwargs(inputs, kwargs, cache)
     try:
         with torch.cuda.graph(graph):
             logits = forward(**step_kwargs).logits

@@ -33,6 +33,9 @@ class FeatureMap(nn.Module):
     # The same map as one kernel: (x [B,Hx,T,D], weight [H,D,F'], eps) -> phi [B,H,T,F] in x's dtype,
     # query head h reading x head h // (H // Hx), so keys need no GQA repeat. None: PyTorch only.
     fused_kernel: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
+    # The fused decode kernel applies this map itself, given its weight and PHI_EPS
+    # (kernels.hybrid_attention.fused_recurrent.HedgehogMaps); False: fq, fk are computed before it.
+    in_decode_kernel = False
 
     def __init__(self, num_heads: int, head_dim: int, feature_dim: int, init: str):
         super().__init__()
@@ -81,6 +84,7 @@ class HedgehogFeatureMap(FeatureMap):
     Not flash-linear-attention's HedgehogFeatureMap (one softmax over [2u, -2u], FLA #195).
     """
     fused_kernel = staticmethod(hedgehog_feature_map)
+    in_decode_kernel = True
 
     def kernel_takes_shape(self) -> bool:
         return hedgehog_kernel_takes(*self.weight.shape[1:])

@@ -10,7 +10,9 @@ import torch
 
 from kernels.hybrid_attention import (WINDOW_KINDS, RingState, fill_ring_state, fused_recurrent_hybrid_attention,
                                       hybrid_attention_recurrent, hybrid_attention_ring_step, ring_size)
+from kernels.hybrid_attention.fused_recurrent import HedgehogMaps
 from kernels.testing import TOLERANCE, assert_close
+from pipeline.hybrid.feature_maps import PHI_EPS, HedgehogFeatureMap
 
 # (B, H, Hkv, D, F, window_size, prompt length, decode steps)
 SHAPES = [
@@ -109,6 +111,50 @@ def test_fused_kernel_in_bfloat16(window):
         assert y_fused.dtype == torch.bfloat16
         assert_close(f"y at {t}", y_ref, y_fused, TOLERANCE[torch.bfloat16])
     assert_close("kv_state", reference.kv_state, fused.kv_state, TOLERANCE[torch.float16])
+
+
+# (H, Hkv, D, F' of each Hedgehog half, window size): D 200 and F' 3 are masked tiles
+HEDGEHOG_SHAPES = [pytest.param(4, 2, 16, 8, 4, id="gqa2-d16"), pytest.param(2, 1, 200, 3, 4, id="d200-half3"),
+                   pytest.param(4, 1, 128, 64, 8, id="gqa4-d128-llama")]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("mode", ["hybrid", "linear_only"])
+@pytest.mark.parametrize("H,Hkv,D,half,w", HEDGEHOG_SHAPES)
+def test_fused_kernel_applies_the_hedgehog_map_itself(H, Hkv, D, half, w, mode, window):
+    """Given the maps' weights instead of fq, fk, the kernel computes phi_q(q) and phi_k(k) itself: the
+    same outputs and states as the PyTorch step given HedgehogFeatureMap's outputs."""
+    B, prompt, steps = 2, 2 * w + 1, 2 * w + 2  # the steps cross a terrace block boundary
+    window_size = 0 if mode == "linear_only" else w
+    q, k, v, _, _, gamma = make_inputs(B, H, Hkv, prompt + steps, D, 2 * half, mode)
+    map_q, map_k = (HedgehogFeatureMap(H, D, half, "kaiming") for _ in range(2))
+    with torch.no_grad():
+        fq, fk = map_q(q), map_k(k.repeat_interleave(H // Hkv, dim=1))
+    reference = prefilled(q, k, v, fq, fk, window_size, window, prompt)
+    fused = RingState(*(t.clone() for t in reference.tensors()))
+    maps = HedgehogMaps(map_q.weight.detach(), map_k.weight.detach(), PHI_EPS)
+    for t in range(prompt, prompt + steps):
+        y_ref = hybrid_attention_ring_step(reference, at(q, t), at(k, t), at(v, t), at(fq, t), at(fk, t), gamma,
+                                           window_size, window)
+        y_fused = fused_recurrent_hybrid_attention(fused, at(q, t), at(k, t), at(v, t), None, None, gamma, window_size,
+                                                   window, hedgehog=maps)
+        assert_close(f"y at {t}", y_ref, y_fused)
+    for name in ("kv_state", "k_state", "ring_fk"):
+        assert_close(name, getattr(reference, name), getattr(fused, name))
+
+
+def test_fused_kernel_refuses_maps_it_cannot_apply():
+    q, k, v, fq, fk, gamma = make_inputs(1, 2, 1, 1, 8, 4, "hybrid")
+    state = RingState.empty(1, 2, 1, 8, 4, ring_size(4, "sliding"))
+    maps = HedgehogMaps(torch.randn(2, 8, 2), torch.randn(2, 8, 2), PHI_EPS)
+    with pytest.raises(ValueError, match="not both"):
+        fused_recurrent_hybrid_attention(state, at(q, 0), at(k, 0), at(v, 0), at(fq, 0), at(fk, 0), gamma, 4, hedgehog=maps)
+    with pytest.raises(ValueError, match=r"each \[H,D,F/2\]=\[2,8,2\]; got \[\(2, 8, 3\)"):
+        fused_recurrent_hybrid_attention(state, at(q, 0), at(k, 0), at(v, 0), None, None, gamma, 4,
+                                         hedgehog=HedgehogMaps(torch.randn(2, 8, 3), maps.weight_k, PHI_EPS))
+    with pytest.raises(ValueError, match="fp32"):
+        fused_recurrent_hybrid_attention(state, at(q, 0), at(k, 0), at(v, 0), None, None, gamma, 4,
+                                         hedgehog=HedgehogMaps(maps.weight_q.half(), maps.weight_k, PHI_EPS))
 
 
 def test_fused_kernel_names_what_it_does_not_know():

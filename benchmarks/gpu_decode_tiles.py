@@ -1,0 +1,115 @@
+"""The fused decode kernel's tile and warp counts, side by side, at batch 1 and in batch.
+
+Usage (repo root): python -m benchmarks.gpu_decode_tiles [--batches 1 64] [--tiles 32 64 128] [--warps 4 8 16]
+    [--window terrace] [--out DIR] [--smoke]
+One Llama-3-8B-shaped layer (H 32, Hkv 8, D 128, Hedgehog 64 -> F 128, window 64) after a 4K prompt,
+the Hedgehog maps applied in the kernel (`HedgehogMaps`), as a HybridCache decode step runs it. Per
+batch and (value tile BV, num_warps): the step replayed from a CUDA graph (device time, no launch
+overhead), ms, and its output's largest difference from the default configuration's (the same
+step from the same state: tiles change the order of fp32 sums only). `bytes_floor_ms` is the state
+and ring bytes the step must read and write over the copy bandwidth measured in the run.
+Writes <out>/gpu_decode_tiles.json. --smoke: tiny fp32 shapes on CPU, no timings (the kernel runs there
+under TRITON_INTERPRET=1 only; without it each batch says it was skipped).
+"""
+import argparse
+from typing import Any
+
+import torch
+
+from kernels.hybrid_attention import RingState, fill_ring_state, ring_size
+from kernels.hybrid_attention.fused_recurrent import NUM_WARPS, VALUE_TILE, HedgehogMaps, _decode_step_fwd
+from kernels.hybrid_attention.kernel_windows import kernel_code
+from pipeline.hybrid.feature_maps import PHI_EPS, HedgehogFeatureMap
+
+from .attention_inputs import SHAPES, SMOKE_SHAPES, WINDOW_SIZE, AttentionShape, triton_runs_on
+from .gpu_common import bench_graph_ms, copy_bandwidth_tb_s, environment, format_table, guarded, results_dir, \
+    write_result
+
+PROMPT = 4096 + 7  # not a block boundary: every replay computes the same step from the same state
+
+
+def layer(shape: AttentionShape, batch: int, window: str, dtype: torch.dtype, device: torch.device):
+    """A state after PROMPT tokens, one token's q, k, v, gamma and the maps."""
+    H, Hkv, D, F = shape.heads, shape.kv_heads, shape.head_dim, shape.features
+    maps = [HedgehogFeatureMap(H, D, shape.feature_dim, "kaiming").to(device) for _ in range(2)]
+    state = RingState.empty(batch, H, Hkv, D, F, ring_size(WINDOW_SIZE, window), device=device, dtype=dtype)
+    tail = 2 * WINDOW_SIZE  # only the last keys reach the ring; S and z get random positive values
+    k, v = (torch.randn(batch, Hkv, tail, D, device=device, dtype=dtype) for _ in range(2))
+    with torch.no_grad():
+        fk = maps[1](k.repeat_interleave(H // Hkv, dim=1))
+        fill_ring_state(state, torch.arange(batch, device=device), k, v, fk, WINDOW_SIZE, window)
+        state.kv_state.uniform_(0, 1)
+        state.k_state.uniform_(1, 2)
+        state.positions.fill_(PROMPT)
+    q = torch.randn(batch, H, D, device=device, dtype=dtype)
+    k_new, v_new = (torch.randn(batch, Hkv, D, device=device, dtype=dtype) for _ in range(2))
+    gamma = torch.rand(H, device=device) * 0.8 + 0.1
+    return state, (q, k_new, v_new, None, None, gamma), HedgehogMaps(maps[0].weight.detach(), maps[1].weight.detach(),
+                                                                      PHI_EPS)
+
+
+def state_bytes(state: RingState, batch: int, shape: AttentionShape) -> int:
+    """What one step must move: S read and written, z, the window of keys and values read, y."""
+    S = state.kv_state.nbytes * 2
+    window = 2 * batch * shape.kv_heads * WINDOW_SIZE * shape.head_dim * state.ring_k.element_size()
+    return S + 2 * state.k_state.nbytes + window
+
+
+def sweep(shape: AttentionShape, batch: int, window: str, tiles: list[int], warps: list[int], dtype: torch.dtype,
+          device: torch.device) -> list[dict[str, Any]]:
+    if not triton_runs_on(device):
+        return [{"batch": batch, "skipped": "the Triton kernel needs CUDA, or TRITON_INTERPRET=1 on the CPU"}]
+    state, args, maps = layer(shape, batch, window, dtype, device)
+    kind, scale = kernel_code(window, "fused decode step"), shape.head_dim ** -0.5
+
+    def step(tile: int, warp: int):
+        fresh = RingState(*(t.clone() for t in state.tensors()))
+        return _decode_step_fwd(fresh, *args, WINDOW_SIZE, kind, scale, maps, tile, warp)
+
+    reference = step(VALUE_TILE, NUM_WARPS).float()
+    rows = []
+    for tile in tiles:
+        for warp in warps:
+            row: dict[str, Any] = {"batch": batch, "value_tile": tile, "num_warps": warp,
+                                   "default": (tile, warp) == (VALUE_TILE, NUM_WARPS)}
+            row["max_abs_diff"] = guarded(lambda: float((step(tile, warp).float() - reference).abs().max()), device)
+            work = RingState(*(t.clone() for t in state.tensors()))
+            row["ms"] = guarded(lambda: bench_graph_ms(
+                lambda: _decode_step_fwd(work, *args, WINDOW_SIZE, kind, scale, maps, tile, warp), device), device)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--tiles", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--window", default="terrace", choices=["sliding", "terrace"])
+    parser.add_argument("--out", help="results folder (default: benchmarks/<this GPU>, e.g. benchmarks/h200)")
+    parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    shape = SMOKE_SHAPES["tiny"] if args.smoke else SHAPES["llama3-8b"]
+    if args.smoke:
+        args.batches, args.tiles, args.warps = [1, 2], [16, 32], [4]
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth_tb_s(device) if device.type == "cuda" else None
+    result: dict[str, Any] = {"environment": environment(device), "shape": vars(shape), "window": args.window,
+                              "window_size": WINDOW_SIZE, "dtype": str(dtype), "copy_bandwidth_tb_s": bandwidth,
+                              "defaults": {"value_tile": VALUE_TILE, "num_warps": NUM_WARPS}, "batches": {}}
+    for batch in args.batches:
+        rows = sweep(shape, batch, args.window, args.tiles, args.warps, dtype, device)
+        state, _, _ = layer(shape, batch, args.window, dtype, device)
+        floor = state_bytes(state, batch, shape) / (bandwidth * 1e12) * 1e3 if bandwidth else None
+        result["batches"][str(batch)] = {"bytes_floor_ms": floor, "rows": rows}
+        write_result(results_dir(args.out, device), "gpu_decode_tiles", result)
+    print("wrote", write_result(results_dir(args.out, device), "gpu_decode_tiles", result))
+    print(format_table([r for b in result["batches"].values() for r in b["rows"]],
+                       ["batch", "value_tile", "num_warps", "default", "ms", "max_abs_diff"]))
+
+
+if __name__ == "__main__":
+    main()
