@@ -7,7 +7,7 @@ the Hedgehog maps applied in the kernel (`HedgehogMaps`), as a HybridCache decod
 batch and (value tile BV, num_warps): the step replayed from a CUDA graph (device time, no launch
 overhead), ms, and its output's largest difference from the default configuration's (the same
 step from the same state: tiles change the order of fp32 sums only). `bytes_floor_ms` is the state
-and ring bytes the step must read and write over the copy bandwidth measured in the run.
+and ring bytes the step must read and write (`state_bytes`) over the copy bandwidth measured in the run.
 Writes <out>/gpu_decode_tiles.json. --smoke: tiny fp32 shapes on CPU, no timings (the kernel runs there
 under TRITON_INTERPRET=1 only; without it each batch says it was skipped).
 """
@@ -48,11 +48,13 @@ def layer(shape: AttentionShape, batch: int, window: str, dtype: torch.dtype, de
                                                                       PHI_EPS)
 
 
-def state_bytes(state: RingState, batch: int, shape: AttentionShape) -> int:
-    """What one step must move: S read and written, z, the window of keys and values read, y."""
-    S = state.kv_state.nbytes * 2
-    window = 2 * batch * shape.kv_heads * WINDOW_SIZE * shape.head_dim * state.ring_k.element_size()
-    return S + 2 * state.k_state.nbytes + window
+def state_bytes(state: RingState, batch: int, shape: AttentionShape, window: str) -> int:
+    """What one step must move: S and z read (and written when keys leave: every step for sliding
+    windows, once a block for terrace ones), the window of keys and values read."""
+    writes = 1.0 if window == "sliding" else 1 / WINDOW_SIZE
+    S = state.kv_state.nbytes * (1 + writes)
+    keys_values = 2 * batch * shape.kv_heads * WINDOW_SIZE * shape.head_dim * state.ring_k.element_size()
+    return int(S + state.k_state.nbytes * (1 + writes) + keys_values)
 
 
 def sweep(shape: AttentionShape, batch: int, window: str, tiles: list[int], warps: list[int], dtype: torch.dtype,
@@ -103,7 +105,7 @@ def main() -> None:
     for batch in args.batches:
         rows = sweep(shape, batch, args.window, args.tiles, args.warps, dtype, device)
         state, _, _ = layer(shape, batch, args.window, dtype, device)
-        floor = state_bytes(state, batch, shape) / (bandwidth * 1e12) * 1e3 if bandwidth else None
+        floor = state_bytes(state, batch, shape, args.window) / (bandwidth * 1e12) * 1e3 if bandwidth else None
         result["batches"][str(batch)] = {"bytes_floor_ms": floor, "rows": rows}
         write_result(results_dir(args.out, device), "gpu_decode_tiles", result)
     print("wrote", write_result(results_dir(args.out, device), "gpu_decode_tiles", result))
