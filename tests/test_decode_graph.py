@@ -196,3 +196,24 @@ def test_a_step_run_with_compiled_modules_gives_the_eager_logits_and_restores_th
                 got = model(step, past_key_values=compiled_cache, use_cache=True).logits
             torch.testing.assert_close(got, expected)
     assert not any("forward" in vars(m) for m in modules)  # the class's forward again
+
+
+def test_compiled_puts_back_a_forward_set_on_the_instance_and_says_when_it_finds_nothing(model, caplog,
+                                                                                        monkeypatch):
+    """accelerate's hooks set `forward` on the module instance: the compiled step must leave it in place."""
+    monkeypatch.setattr(decode_graph, "_REPORTED", set())
+    monkeypatch.setattr(decode_graph.torch, "compile", lambda fn, **kwargs: fn)
+    norm = model.model.norm
+    hooked = norm.forward  # a bound method, as accelerate's new_forward stands in for
+    norm.forward = hooked
+    try:
+        with decode_graph.compiled(model, "regions"):
+            pass
+        assert vars(norm)["forward"] is hooked
+    finally:
+        del norm.forward
+    with caplog.at_level(logging.WARNING, logger="pipeline.hybrid.decode_graph"):
+        with decode_graph.compiled(torch.nn.Linear(2, 2), "layers"):
+            pass
+    assert [r.getMessage() for r in caplog.records] == [
+        "HybridCache: compile='layers' finds no module to compile in Linear; the step runs uncompiled"]

@@ -16,7 +16,7 @@ Every window kind the kernel implements is an interval ending at the query, star
 leaving at step p are the positions [start(p-1), start(p)); other kinds are refused before launch.
 
 Feature maps: fq, fk come in computed, or (`hedgehog`) the kernel computes the Hedgehog map
-itself (`HedgehogMaps`) from the fp32 weights W_q, W_k [H,D,F/2] of `pipeline.hybrid.feature_maps.HedgehogFeatureMap`,
+itself (`HedgehogMaps`) from the weights W_q, W_k [H,D,F/2] of `pipeline.hybrid.feature_maps.HedgehogFeatureMap`,
 phi(x) = max([softmax(x W_h), softmax(-x W_h)], eps), for the query and the new key: at one token a
 row the map is a [D] x [D,F/2] product per head, too small for a kernel of its own, whose launch
 cost more than the product (two per layer and step, 8.7 us each at batch 1 on an H200).
@@ -36,7 +36,8 @@ from .ring import RingState
 
 
 class HedgehogMaps(NamedTuple):
-    """Query and key Hedgehog maps the kernel applies itself: W [H,D,F/2] fp32 each, and their clamp."""
+    """Query and key Hedgehog maps the kernel applies itself: W [H,D,F/2] each (the hybrid's fp32
+    masters, or a model cast whole to bf16; read as fp32), and their clamp."""
     weight_q: torch.Tensor
     weight_k: torch.Tensor
     eps: float
@@ -67,7 +68,7 @@ def _hedgehog(x_row, w_head, D: tl.constexpr, F: tl.constexpr, offs_f, mask_f, B
         mask_d = offs_d < D
         x = tl.load(x_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         w = tl.load(w_head + offs_d[:, None] * half + (offs_f % half)[None, :],
-                    mask=mask_d[:, None] & mask_f[None, :], other=0.0)
+                    mask=mask_d[:, None] & mask_f[None, :], other=0.0).to(tl.float32)
         u += tl.sum(x[:, None] * w, axis=0)
     u = tl.where(first, u, -u)
     top = tl.where(first, tl.max(tl.where(first & mask_f, u, float("-inf")), axis=0),
@@ -228,8 +229,6 @@ def _check_step_inputs(state: RingState, q, k, v, fq, fk, gamma, window: str, he
         shapes = [tuple(w.shape) for w in hedgehog[:2]]
         if len(shapes) != 2 or F % 2 or any(shape != (H, D, F // 2) for shape in shapes):
             raise ValueError(f"expected hedgehog W_q, W_k, each [H,D,F/2]=[{H},{D},{F // 2}]; got {shapes}")
-        if any(w.dtype != torch.float32 for w in hedgehog[:2]):
-            raise ValueError("hedgehog must be fp32 (the hybrid's master weights)")
     elif (fq is None) != (fk is None) or (fq is not None and (fq.shape != (B, H, F) or fk.shape != fq.shape)):
         raise ValueError(f"expected fq, fk [B,H,F]=[{B},{H},{F}] (or both None); got "
                          f"{None if fq is None else tuple(fq.shape)}, {None if fk is None else tuple(fk.shape)}")

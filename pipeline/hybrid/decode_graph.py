@@ -218,16 +218,26 @@ def compiled(model: torch.nn.Module, mode: str) -> Iterator[None]:
     and every other call keep the eager modules. A module torch.compile cannot take runs eagerly
     (`suppress_errors`, logged by torch)."""
     modules = compiled_modules(model, mode)
+    if mode != "off" and not modules:
+        reason = f"compile={mode!r} finds no module to compile in {type(model).__name__}; the step runs uncompiled"
+        if reason not in _REPORTED:
+            _REPORTED.add(reason)
+            log.warning("HybridCache: %s", reason)
+    # a forward set on the instance (accelerate's hooks set one) is compiled too, and put back after
+    own = {module: vars(module).get("forward") for module in modules}
     for module in modules:
         module.forward = torch.compile(module.forward, dynamic=False)
-    # layers: one recompile per layer (each guards its own layer_idx), which the default limit of 8 stops
-    limits = dict(recompile_limit=max(8, 2 * len(modules)), accumulated_recompile_limit=max(256, 8 * len(modules)))
+    # layers: one entry per layer and batch size (each guards its own layer_idx), past the default limit of 8
+    limits = dict(recompile_limit=max(8, 8 * len(modules)), accumulated_recompile_limit=max(256, 64 * len(modules)))
     try:
         with torch._dynamo.config.patch(suppress_errors=True, **limits):
             yield
     finally:
-        for module in modules:
-            del module.forward
+        for module, forward in own.items():
+            if forward is None:
+                del module.forward  # the class's forward again
+            else:
+                module.forward = forward
 
 
 def _graph_kwargs(inputs: StaticInputs, kwargs: dict, cache) -> dict:

@@ -143,6 +143,24 @@ def test_fused_kernel_applies_the_hedgehog_map_itself(H, Hkv, D, half, w, mode, 
         assert_close(name, getattr(reference, name), getattr(fused, name))
 
 
+def test_fused_kernel_reads_maps_cast_to_bfloat16_as_fp32():
+    """A model cast whole to bf16 after linearize hands the kernel bf16 weights: the values are used as they
+    are, like HedgehogFeatureMap.forward does (weight.float())."""
+    B, H, Hkv, D, half, w, prompt = 1, 2, 1, 16, 8, 4, 9
+    q, k, v, _, _, gamma = make_inputs(B, H, Hkv, prompt + 1, D, 2 * half, "hybrid")
+    map_q, map_k = (HedgehogFeatureMap(H, D, half, "kaiming").to(torch.bfloat16) for _ in range(2))
+    with torch.no_grad():
+        fq, fk = map_q(q), map_k(k.repeat_interleave(H // Hkv, dim=1))
+    reference = prefilled(q, k, v, fq, fk, w, "terrace", prompt)
+    fused = RingState(*(t.clone() for t in reference.tensors()))
+    y_ref = hybrid_attention_ring_step(reference, at(q, prompt), at(k, prompt), at(v, prompt), at(fq, prompt),
+                                       at(fk, prompt), gamma, w, "terrace")
+    maps = HedgehogMaps(map_q.weight.detach(), map_k.weight.detach(), PHI_EPS)
+    y_fused = fused_recurrent_hybrid_attention(fused, at(q, prompt), at(k, prompt), at(v, prompt), None, None, gamma,
+                                               w, "terrace", hedgehog=maps)
+    assert_close("y", y_ref, y_fused)
+
+
 def test_fused_kernel_refuses_maps_it_cannot_apply():
     q, k, v, fq, fk, gamma = make_inputs(1, 2, 1, 1, 8, 4, "hybrid")
     state = RingState.empty(1, 2, 1, 8, 4, ring_size(4, "sliding"))
@@ -152,9 +170,6 @@ def test_fused_kernel_refuses_maps_it_cannot_apply():
     with pytest.raises(ValueError, match=r"each \[H,D,F/2\]=\[2,8,2\]; got \[\(2, 8, 3\)"):
         fused_recurrent_hybrid_attention(state, at(q, 0), at(k, 0), at(v, 0), None, None, gamma, 4,
                                          hedgehog=HedgehogMaps(torch.randn(2, 8, 3), maps.weight_k, PHI_EPS))
-    with pytest.raises(ValueError, match="fp32"):
-        fused_recurrent_hybrid_attention(state, at(q, 0), at(k, 0), at(v, 0), None, None, gamma, 4,
-                                         hedgehog=HedgehogMaps(maps.weight_q.half(), maps.weight_k, PHI_EPS))
 
 
 def test_fused_kernel_names_what_it_does_not_know():
