@@ -19,7 +19,9 @@ runs eagerly. A state reallocated by beam search (`reorder_cache`) is recaptured
 `compile` (off by default) also runs the captured step's decoder layers ("layers": all but the hybrid
 attention) or its norm/MLP/rotary modules ("regions") compiled by torch.compile, whose fused kernels
 the graph then replays: fewer, larger kernels per layer, for a warm-up that takes tens of seconds
-(Inductor compiles). Measured on an H200 at the Llama-3-8B shape: benchmarks/h200/generate/README.md.
+(Inductor compiles). Its fused norms and RoPE round differently from the eager modules, so its
+tokens need not be the eager ones. Measured on an H200 at the Llama-3-8B shape:
+benchmarks/h200/generate/2026-12-03b/README.md.
 
 Refused with one log line each (the call then runs eagerly): a cache on the CPU, a layer that keeps
 a stock cache (conv/SSM or KV: transformers' own updates may sync with the host), and a step asking
