@@ -217,3 +217,18 @@ def test_compiled_puts_back_a_forward_set_on_the_instance_and_says_when_it_finds
             pass
     assert [r.getMessage() for r in caplog.records] == [
         "HybridCache: compile='layers' finds no module to compile in Linear; the step runs uncompiled"]
+
+
+def test_the_default_cache_warns_of_every_refusal_but_the_cpu(caplog, monkeypatch):
+    """A model on CUDA whose graphs cannot run (a layer with a stock cache, a failed capture) decodes at
+    eager speed: the default says so, as cuda_graph=True does; only the CPU, where eager is the path, is quiet."""
+    monkeypatch.setattr(decode_graph, "_REPORTED", set())
+    default, asked = HybridCache().graphs, HybridCache(cuda_graph=True).graphs
+    with caplog.at_level(logging.INFO, logger="pipeline.hybrid.decode_graph"):
+        default._report(decode_graph.CPU_REFUSAL)
+        default._report(decode_graph.OFF_CUDA_REFUSAL)
+        default._report("layers [1] keep a stock cache")
+        asked._report("a capture failed")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "HybridCache (CUDA graphs, on by default on CUDA): layers [1] keep a stock cache"),
+        ("WARNING", "HybridCache(cuda_graph=True): a capture failed")]

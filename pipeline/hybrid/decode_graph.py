@@ -135,8 +135,8 @@ class DecodeGraphs:
     """A HybridCache's captured steps, one per batch size (`warmed`: batch sizes whose eager warm-up ran),
     and how many steps were captured and replayed."""
     compile: str = "off"  # one of COMPILE_MODES: which modules the captured step runs compiled
-    # cuda_graph=True: every refusal is a warning. The default (on where the state is on CUDA) logs them
-    # at info, and none on the CPU, where eager decoding is simply the path
+    # cuda_graph=True: every refusal is a warning. The default (on where the state is on CUDA) warns too,
+    # except off CUDA, where eager decoding is simply the path
     explicit: bool = True
     captured: dict[int, CapturedStep] = field(default_factory=dict)
     warmed: set[int] = field(default_factory=set)
@@ -186,14 +186,12 @@ class DecodeGraphs:
         return CausalLMOutputWithPast(logits=step.logits.clone(), past_key_values=cache)
 
     def _report(self, reason: str, exc_info: bool = False) -> None:
-        """One log line per reason and process (see `explicit`)."""
+        """One warning per reason and process (see `explicit`)."""
         if reason in _REPORTED or (not self.explicit and reason in (CPU_REFUSAL, OFF_CUDA_REFUSAL)):
             return
         _REPORTED.add(reason)
-        if self.explicit:
-            log.warning("HybridCache(cuda_graph=True): %s", reason, exc_info=exc_info)
-        else:
-            log.info("HybridCache (CUDA graphs by default on CUDA): %s", reason, exc_info=exc_info)
+        prefix = "HybridCache(cuda_graph=True)" if self.explicit else "HybridCache (CUDA graphs, on by default on CUDA)"
+        log.warning("%s: %s", prefix, reason, exc_info=exc_info)
 
 
 COMPILE_MODES = ("off", "regions", "layers")
