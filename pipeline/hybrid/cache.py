@@ -233,9 +233,10 @@ class HybridCache(Cache):
 
     Pass it to `generate` or `forward` as `past_key_values`; a cache handed back
     (`return_dict_in_generate=True`, or the same object) continues where it stopped.
-    `cuda_graph`: one-token decode steps on CUDA replay one captured graph (`decode_graph.py`); None
-    (the default) does so where the state is on CUDA and decodes eagerly elsewhere without a word,
-    True also says why wherever it cannot, False always decodes eagerly. `compile`: see decode_graph.py.
+    `cuda_graph`: one-token decode steps on CUDA replay one captured graph (`decode_graph.py`). None
+    (the default) does so where the state is on CUDA, warning once of a step it cannot take, and decodes
+    eagerly off CUDA without a word; True warns there too; False always decodes eagerly.
+    `compile`: see decode_graph.py.
     """
 
     def __init__(self, cuda_graph: bool | None = None, compile: str = "off"):
