@@ -217,8 +217,11 @@ def compiled(model: torch.nn.Module, mode: str) -> Iterator[None]:
     warm-up and the capture run inside: a replay runs whatever kernels were recorded, and the prefill
     and every other call keep the eager modules. A module torch.compile cannot take runs eagerly
     (`suppress_errors`, logged by torch)."""
+    if mode == "off":  # nothing compiled, and torch.compile's settings left as they are
+        yield
+        return
     modules = compiled_modules(model, mode)
-    if mode != "off" and not modules:
+    if not modules:
         reason = f"compile={mode!r} finds no module to compile in {type(model).__name__}; the step runs uncompiled"
         if reason not in _REPORTED:
             _REPORTED.add(reason)
