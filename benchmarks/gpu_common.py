@@ -94,6 +94,17 @@ def bench_ms(fn: Callable[[], Any], device: torch.device, warmup_ms: float = 25,
     return statistics.median(times)
 
 
+def wall_ms(fn: Callable[[], Any], device: torch.device, calls: int = 200) -> float:
+    """Host-clock time per call over back-to-back calls (what a CPU-bound decode loop sees)."""
+    fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) * 1000 / calls
+
+
 def bench_graph_ms(fn: Callable[[], Any], device: torch.device, rep_ms: float = 100) -> Measured:
     """Median time of one call of `fn` replayed from a CUDA graph (`triton.testing.do_bench_cudagraph`):
     the device's time without the host's launch overhead, and without an L2 flush between calls.

@@ -19,7 +19,6 @@ median is the cost of a typical step. Writes <out>/gpu_decode.json; prints a sum
 import argparse
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +31,7 @@ from kernels.testing import TOLERANCE, relative_error
 
 from .attention_inputs import SHAPES, SMOKE_SHAPES, WINDOW_SIZE, AttentionShape, hybrid_module, random_inputs
 from .gpu_common import results_dir, MIB, Measured, bench_ms, environment, format_table, guarded, ratio, \
-    release_memory, synchronize, write_result
+    release_memory, wall_ms, write_result
 
 GOAL = "ours <= 0.03 ms and flat; >= 6x SDPA at 32K, >= 20x at 128K"
 
@@ -71,17 +70,6 @@ def check_step(shape: AttentionShape, device: torch.device, dtype: torch.dtype, 
     tolerance = TOLERANCE[dtype]  # outputs rounded to the dtype: the CPU tests' bound (kernels/testing.py)
     return {"y_relative_rms": worst_y, "y_max_abs": worst_abs, "state_relative_rms": state_error,
             "tolerance": tolerance, "ok": worst_y <= tolerance and state_error <= tolerance}
-
-
-def wall_ms(fn: Callable[[], Any], device: torch.device, calls: int = 200) -> float:
-    """Host-clock time per call over back-to-back calls (what a CPU-bound decode loop sees)."""
-    fn()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    synchronize(device)
-    return (time.perf_counter() - start) * 1000 / calls
 
 
 def graphed(fn: Callable[[], Any], device: torch.device) -> Callable[[], None] | str:

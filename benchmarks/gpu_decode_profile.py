@@ -28,7 +28,7 @@ from pipeline.hybrid import HybridCache
 from pipeline.hybrid.decode_graph import COMPILE_MODES
 
 from .gpu_common import MIB, copy_bandwidth_tb_s, environment, guarded, release_memory, results_dir, \
-    synchronize, write_result
+    synchronize, wall_ms, write_result
 from .gpu_generate import LLAMA3_8B, SMOKE_MODEL, build_model
 
 OURS = ("_decode_step_kernel", "hedgehog", "_fwd_kernel")  # _fwd_kernel: the Hedgehog map's
@@ -65,15 +65,6 @@ def kernel_table(prof, steps: int, device: torch.device) -> dict[str, Any]:
             "launches_per_step": round(sum(r["launches_per_step"] for r in rows), 1),
             "by_kind": {k: {key: round(v, 1) for key, v in d.items()} for k, d in kinds.items()},
             "top": rows[:TOP_KERNELS]}
-
-
-def timed_ms(fn, steps: int, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    synchronize(device)
-    return round(1000 * (time.perf_counter() - start) / steps, 3)
 
 
 def profiled(fn, steps: int, device: torch.device) -> dict[str, Any]:
@@ -114,9 +105,9 @@ def measure(model, batch: int, prompt: int, new_tokens: int, profile_steps: int,
         if cache.graphs.failure:
             return dict(result, failure=cache.graphs.failure)
         captured = cache.graphs.captured[batch]
-        result["replay_ms"] = timed_ms(captured.graph.replay, 50, device)
+        result["replay_ms"] = round(wall_ms(captured.graph.replay, device, 50), 3)
         result["kernels"] = profiled(captured.graph.replay, profile_steps, device)
-    result["forward_ms"] = timed_ms(step, 50, device)
+    result["forward_ms"] = round(wall_ms(step, device, 50), 3)
     # generate() feeds only the columns the cache has not seen: here the one new token
     # (ones, not the pad id 0: generate() would take zeros for left padding)
     ids = torch.cat([token.new_ones(batch, cache.get_seq_length()), token], dim=1)
@@ -134,7 +125,7 @@ def measure(model, batch: int, prompt: int, new_tokens: int, profile_steps: int,
         with torch.no_grad():
             return model(input_ids=token, past_key_values=eager, use_cache=True)
 
-    result["eager_forward_ms"] = timed_ms(eager_step, 20, device)
+    result["eager_forward_ms"] = round(wall_ms(eager_step, device, 20), 3)
     result["eager_kernels"] = profiled(eager_step, profile_steps, device)
     del cache, eager
     release_memory(device)

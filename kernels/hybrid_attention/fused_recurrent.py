@@ -263,8 +263,8 @@ def fused_recurrent_hybrid_attention(
     kind = _check_step_inputs(state, q, k, v, fq, fk, gamma, window, hedgehog)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     contiguous = [t.contiguous() if t is not None else None for t in (q, k, v, fq, fk, gamma)]
-    weights = None if hedgehog is None else HedgehogMaps(hedgehog.weight_q.contiguous(),
-                                                                 hedgehog.weight_k.contiguous(), hedgehog.eps)
-    y = _decode_step_fwd(state, *contiguous, window_size, kind, scale, weights)
+    if hedgehog is not None:
+        hedgehog = HedgehogMaps(hedgehog.weight_q.contiguous(), hedgehog.weight_k.contiguous(), hedgehog.eps)
+    y = _decode_step_fwd(state, *contiguous, window_size, kind, scale, hedgehog)
     state.positions += 1
     return y

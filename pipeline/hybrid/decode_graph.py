@@ -187,10 +187,15 @@ class DecodeGraphs:
 
     def _report(self, reason: str, exc_info: bool = False) -> None:
         """One warning per reason and process (see `explicit`)."""
-        if reason in _REPORTED or (not self.explicit and reason in (CPU_REFUSAL, OFF_CUDA_REFUSAL)):
+        if not self.explicit and reason in (CPU_REFUSAL, OFF_CUDA_REFUSAL):
             return
-        _REPORTED.add(reason)
         prefix = "HybridCache(cuda_graph=True)" if self.explicit else "HybridCache (CUDA graphs, on by default on CUDA)"
+        _warn_once(prefix, reason, exc_info)
+
+
+def _warn_once(prefix: str, reason: str, exc_info: bool = False) -> None:
+    if reason not in _REPORTED:
+        _REPORTED.add(reason)
         log.warning("%s: %s", prefix, reason, exc_info=exc_info)
 
 
@@ -222,10 +227,8 @@ def compiled(model: torch.nn.Module, mode: str) -> Iterator[None]:
         return
     modules = compiled_modules(model, mode)
     if not modules:
-        reason = f"compile={mode!r} finds no module to compile in {type(model).__name__}; the step runs uncompiled"
-        if reason not in _REPORTED:
-            _REPORTED.add(reason)
-            log.warning("HybridCache: %s", reason)
+        _warn_once("HybridCache", f"compile={mode!r} finds no module to compile in {type(model).__name__}; "
+                                  "the step runs uncompiled")
     # a forward set on the instance (accelerate's hooks set one) is compiled too, and put back after
     own = {module: vars(module).get("forward") for module in modules}
     for module in modules:
