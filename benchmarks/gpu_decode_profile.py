@@ -31,7 +31,7 @@ from .gpu_common import MIB, copy_bandwidth_tb_s, environment, guarded, release_
     synchronize, wall_ms, write_result
 from .gpu_generate import LLAMA3_8B, SMOKE_MODEL, build_model
 
-OURS = ("_decode_step_kernel", "hedgehog", "_fwd_kernel")  # _fwd_kernel: the Hedgehog map's
+OURS = ("_decode_step_kernel", "_window_kernel", "_state_kernel", "hedgehog", "_fwd_kernel")  # _fwd_kernel: the Hedgehog map's
 MATMUL = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk")
 TOP_KERNELS = 40
 

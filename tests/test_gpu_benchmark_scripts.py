@@ -16,7 +16,7 @@ import torch
 from tests.conftest import REPO
 
 SCRIPTS = ["gpu_attention", "gpu_attention_check", "gpu_attention_profile", "gpu_feature_map", "gpu_transfer_step",
-           "gpu_decode", "gpu_decode_profile", "gpu_decode_tiles", "gpu_generate", "gpu_graph_check", "gpu_stage_steps"]
+           "gpu_decode", "gpu_decode_loop", "gpu_decode_profile", "gpu_decode_tiles", "gpu_generate", "gpu_graph_check", "gpu_stage_steps"]
 OPTIONS = {"gpu_attention": ["--cuda-graphs"], "gpu_stage_steps": ["--eval-tokens", "100000"]}  # paths that only some GPU runs take
 
 

@@ -1,29 +1,34 @@
-"""The decode step of hybrid attention as one Triton kernel (../shared/design/lolcats.md §7).
+"""The decode step of hybrid attention in Triton (../shared/design/lolcats.md §7).
 
 Same function and state layout as `ring.hybrid_attention_ring_step` (the PyTorch step it is tested
-against): one launch per layer does, for every (row, query head),
+against): for every (row, query head),
   1. keys leaving the window since the previous token -> S += fk v^T, z += fk (fp32),
   2. the new key, value and feature-mapped key -> their ring slot,
   3. y = (gamma sum_win e^{s - m} v + fq S) / (gamma sum_win e^{s - m} + fq z).
-Program (b, h) owns S[b,h], z[b,h] and ring_fk[b,h]; ring_k/v rows are shared by the query heads
-of one GQA group (read in place, never repeated), and only the group's first head writes the new
-key. The ring has one slot more than the window ever holds, so that write never lands on a slot
-another program of the same step still reads. The value dimension is walked in tiles of BV so S
-never sits whole in registers.
+Three launches a layer, cut where the work changes shape:
+  `_hedgehog_rows_kernel`  (head, 16 rows): phi_q, phi_k of the new token (with `hedgehog` only);
+  `_window_kernel`         (row, head): window scores and values, z, the denominator, the ring;
+  `_state_kernel`          (row, head, BV value columns): S advanced and read, y.
+One program per (row, head) for everything was latency-bound: its window, maps and S phases ran one
+after the other, and every program read its head's map weights again (B times a step). Here the
+maps read their weights once per 16 rows, and the S reads, the step's bulk, are spread over
+D/BV programs per head that each load their tile first. benchmarks/gpu_decode_tiles.py times both.
+Program (b, h) of the window kernel owns z[b,h] and ring_fk[b,h]; ring_k/v rows are shared by the
+query heads of one GQA group (read in place, never repeated), and only the group's first head writes
+the new key and value. The ring has one slot more than the window ever holds, so that write never
+lands on a slot another program still reads, in this launch or in the state kernel after it.
 
-Every window kind the kernel implements is an interval ending at the query, starting at
+Every window kind the kernels implement is an interval ending at the query, starting at
 `kernel_windows.window_start(p)` (the kind's rule from the registry, by its code KIND), so the keys
 leaving at step p are the positions [start(p-1), start(p)); other kinds are refused before launch.
 
-Feature maps: fq, fk come in computed, or (`hedgehog`) the kernel computes the Hedgehog map
-itself (`HedgehogMaps`) from the weights W_q, W_k [H,D,F/2] of `pipeline.hybrid.feature_maps.HedgehogFeatureMap`,
-phi(x) = max([softmax(x W_h), softmax(-x W_h)], eps), for the query and the new key: at one token a
-row the map is a [D] x [D,F/2] product per head, too small for a kernel of its own, whose launch
-cost more than the product (two per layer and step, 8.7 us each at batch 1 on an H200).
+Feature maps: fq, fk come in computed, or (`hedgehog`) the first kernel computes the Hedgehog map
+from the weights W_q, W_k [H,D,F/2] of `pipeline.hybrid.feature_maps.HedgehogFeatureMap`,
+phi(x) = max([softmax(x W_h), softmax(-x W_h)], eps), for the query and the new key.
 
-Math is fp32: elementwise, plus exact ("ieee") fp32 dots when a terrace block of keys moves into S,
-so the kernel matches the PyTorch step and runs under TRITON_INTERPRET=1 on CPU. Inputs may be
-fp32, fp16 or bf16; S, z, ring_fk and every sum stay fp32.
+Math is fp32: elementwise, plus exact ("ieee") fp32 dots for the maps and when a terrace block of
+keys moves into S, so the kernels match the PyTorch step and run under TRITON_INTERPRET=1 on CPU.
+Inputs may be fp32, fp16 or bf16; S, z, ring_fk and every sum stay fp32.
 """
 from typing import NamedTuple
 
@@ -44,6 +49,15 @@ class HedgehogMaps(NamedTuple):
 
 VALUE_TILE = 32  # BV: columns of S / v per inner step
 NUM_WARPS = 4  # at batch 64 on an H200 half the time of 8 warps, equal at batch 1 (benchmarks/gpu_decode_tiles.py)
+STAGED = True
+# Tiles and warps of the staged kernels, from the compiler's register report for sm_90 at the Llama-3-8B
+# shape (terrace window of 64): each stays under ~100 registers a thread with no spill, so 16-32 warps fit
+# on a multiprocessor to hide the loads' latency (the single kernel takes 255 and spills)
+STATE_TILE = 32  # S columns per `_state_kernel` program: 62 registers at 4 warps (64 columns: 94)
+STATE_WARPS = 4
+WINDOW_TILE = 16  # head-dim columns per step of `_window_kernel`'s loops: 64 registers at 8 warps (32 at 4 warps: 240)
+WINDOW_WARPS = 8
+MAP_ROWS = 16  # rows per `_hedgehog_rows_kernel` program: tl.dot's smallest M
 EVICT_ROWS = 16  # keys moved into S per dot when a terrace block leaves (tl.dot needs >= 16)
 
 
@@ -192,6 +206,219 @@ def _decode_step_kernel(
         tl.store(y_ptr + (b * H + h) * D + offs_v, (num / den).to(y_ptr.dtype.element_ty), mask=mask_v)
 
 
+@triton.jit
+def _hedgehog_rows_kernel(
+    q_ptr, k_ptr, wq_ptr, wk_ptr, features_ptr, B, eps,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr,
+):
+    """phi_q and phi_k of the new token for BB rows of one head: features[b, h] = [phi_q, phi_k], each
+    [F] fp32. One program reads its head's W_q, W_k [D,F/2] once for all its rows (a dot per D tile);
+    one program per (row, head) would read them B times."""
+    h = tl.program_id(0)
+    rows = tl.program_id(1) * BB + tl.arange(0, BB)
+    mask_rows = rows < B
+    hk = h // (H // HKV)
+    half = F // 2
+    offs_j = tl.arange(0, BH)
+    mask_j = offs_j < half
+    u_q = tl.zeros([BB, BH], dtype=tl.float32)
+    u_k = tl.zeros([BB, BH], dtype=tl.float32)
+    for d0 in tl.static_range(0, D, BV):
+        offs_d = d0 + tl.arange(0, BV)
+        mask_d = offs_d < D
+        mask_x = mask_rows[:, None] & mask_d[None, :]
+        mask_w = mask_d[:, None] & mask_j[None, :]
+        x_q = tl.load(q_ptr + (rows[:, None] * H + h) * D + offs_d[None, :], mask=mask_x, other=0.0).to(tl.float32)
+        x_k = tl.load(k_ptr + (rows[:, None] * HKV + hk) * D + offs_d[None, :], mask=mask_x, other=0.0).to(tl.float32)
+        w_q = tl.load(wq_ptr + h * D * half + offs_d[:, None] * half + offs_j[None, :], mask=mask_w, other=0.0)
+        w_k = tl.load(wk_ptr + h * D * half + offs_d[:, None] * half + offs_j[None, :], mask=mask_w, other=0.0)
+        u_q += tl.dot(x_q, w_q.to(tl.float32), input_precision="ieee")
+        u_k += tl.dot(x_k, w_k.to(tl.float32), input_precision="ieee")
+    out = features_ptr + (rows[:, None] * H + h) * 2 * F + offs_j[None, :]
+    mask_out = mask_rows[:, None] & mask_j[None, :]
+    for which in tl.static_range(2):  # 0: phi_q, 1: phi_k
+        u = u_q if which == 0 else u_k
+        for sign in tl.static_range(2):  # the softmax of u, then of -u, each clamped at eps
+            x = tl.where(mask_j[None, :], u if sign == 0 else -u, float("-inf"))
+            e = tl.exp(x - tl.max(x, axis=1)[:, None])
+            tl.store(out + which * F + sign * half, tl.maximum(e / tl.sum(e, axis=1)[:, None], eps), mask=mask_out)
+
+
+@triton.jit
+def _window_kernel(
+    q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gamma_ptr, pos_ptr,
+    k_state_ptr, ring_k_ptr, ring_v_ptr, ring_fk_ptr, out_ptr, query_ptr,
+    scale,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, R: tl.constexpr,
+    W: tl.constexpr, KIND: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr,
+    FSTRIDE: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, EVICT: tl.constexpr,
+):
+    """Everything of the step but S, per (row, query head): the window's softmax weights, z advanced by
+    the keys leaving, the denominator den, and the new key/value in their ring slot. Writes out [D] =
+    (window part of y) / den (y itself without a linear branch) and query [F] = phi_q / den, which
+    `_state_kernel` finishes with S."""
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    hk = h // (H // HKV)
+    writes_kv = (h % (H // HKV)) == 0  # the GQA group's first head stores the new key/value
+    p = tl.load(pos_ptr + b)
+    slot_new = p % R
+    q_row = q_ptr + (b * H + h) * D
+    k_row = k_ptr + (b * HKV + hk) * D
+    v_row = v_ptr + (b * HKV + hk) * D
+    ring_k = ring_k_ptr + (b * HKV + hk) * R * D
+    ring_v = ring_v_ptr + (b * HKV + hk) * R * D
+    ring_fk = ring_fk_ptr + (b * H + h) * R * F
+    offs_c = tl.arange(0, BC)
+    offs_f = tl.arange(0, BF)
+    mask_f = offs_f < F
+
+    den = tl.zeros([], dtype=tl.float32)
+    moves = W == 0  # z changes: always for linear-only, else when keys leave the window
+    if HAS_LINEAR:
+        fq = tl.load(fq_ptr + pid * FSTRIDE + offs_f, mask=mask_f, other=0.0).to(tl.float32)
+        fk_new = tl.load(fk_ptr + pid * FSTRIDE + offs_f, mask=mask_f, other=0.0).to(tl.float32)
+        z = tl.load(k_state_ptr + pid * F + offs_f, mask=mask_f, other=0.0)
+    if W > 0:
+        # window scores: the old keys still inside, positions start .. p-1 (at slots j % R), then the new key
+        start = tl.maximum(window_start(p, W, KIND), 0)
+        held = start + offs_c
+        in_window = held < p
+        slots = held % R
+        s = tl.zeros([BC], dtype=tl.float32)
+        s_new = tl.zeros([], dtype=tl.float32)
+        for d0 in tl.static_range(0, D, BV):
+            offs_d = d0 + tl.arange(0, BV)
+            mask_d = offs_d < D
+            q_d = tl.load(q_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            k_d = tl.load(k_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            k_old = tl.load(ring_k + slots[:, None] * D + offs_d[None, :],
+                            mask=in_window[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            s += tl.sum(k_old * q_d[None, :], axis=1)
+            s_new += tl.sum(k_d * q_d)
+        s = tl.where(in_window, s * scale, float("-inf"))
+        s_new = s_new * scale
+        m = tl.maximum(tl.max(s, axis=0), s_new)
+        g = 1.0
+        if HAS_GAMMA:
+            g = tl.load(gamma_ptr + h).to(tl.float32)
+        a = tl.where(in_window, tl.exp(s - m), 0.0) * g  # [BC]
+        a_new = tl.exp(s_new - m) * g
+        den += tl.sum(a, axis=0) + a_new
+        leave_from = tl.maximum(window_start(p - 1, W, KIND), 0)  # positions leaving at this step
+        leave_to = tl.where(p > 0, tl.maximum(window_start(p, W, KIND), 0), 0)
+        moves = leave_to > leave_from
+    if HAS_LINEAR:
+        if W > 0:
+            for j in range(leave_from, leave_to):
+                z += tl.load(ring_fk + (j % R) * F + offs_f, mask=mask_f, other=0.0)
+            tl.store(ring_fk + slot_new * F + offs_f, fk_new, mask=mask_f)
+        else:  # linear-only: the new key is linear for its own query
+            z += fk_new
+        tl.store(k_state_ptr + pid * F + offs_f, z, mask=mask_f & moves)
+        den += tl.sum(fq * z, axis=0)
+        tl.store(query_ptr + pid * F + offs_f, fq / den, mask=mask_f)
+    if W > 0:
+        for v0 in tl.static_range(0, D, BV):
+            offs_v = v0 + tl.arange(0, BV)
+            mask_v = offs_v < D
+            v_new = tl.load(v_row + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+            v_window = tl.load(ring_v + slots[:, None] * D + offs_v[None, :],
+                               mask=in_window[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
+            y = (tl.sum(a[:, None] * v_window, axis=0) + a_new * v_new) / den
+            tl.store(out_ptr + pid * D + offs_v, y.to(out_ptr.dtype.element_ty), mask=mask_v)
+        # the new key and value into their slot, which no key of this step's window occupies
+        for d0 in tl.static_range(0, D, BV):
+            offs_d = d0 + tl.arange(0, BV)
+            mask_d = (offs_d < D) & writes_kv
+            tl.store(ring_k + slot_new * D + offs_d, tl.load(k_row + offs_d, mask=mask_d).to(ring_k_ptr.dtype.element_ty),
+                     mask=mask_d)
+            tl.store(ring_v + slot_new * D + offs_d, tl.load(v_row + offs_d, mask=mask_d).to(ring_v_ptr.dtype.element_ty),
+                     mask=mask_d)
+
+
+@triton.jit
+def _state_kernel(
+    v_ptr, fk_ptr, pos_ptr, kv_state_ptr, ring_v_ptr, ring_fk_ptr, partial_ptr, query_ptr, y_ptr,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, R: tl.constexpr,
+    W: tl.constexpr, KIND: tl.constexpr, FSTRIDE: tl.constexpr,
+    BF: tl.constexpr, BV: tl.constexpr, EVICT: tl.constexpr,
+):
+    """y for one (row, query head, BV value columns): S's columns advanced by the keys leaving the window
+    (written back only then), y = partial + query S. S is loaded first, the step's one large read."""
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    hk = h // (H // HKV)
+    offs_v = tl.program_id(1) * BV + tl.arange(0, BV)
+    mask_v = offs_v < D
+    offs_f = tl.arange(0, BF)
+    mask_f = offs_f < F
+    kv_state = kv_state_ptr + pid * F * D
+    state = tl.load(kv_state + offs_f[:, None] * D + offs_v[None, :],
+                    mask=mask_f[:, None] & mask_v[None, :], other=0.0)  # [BF,BV] fp32
+    p = tl.load(pos_ptr + b)
+    fq = tl.load(query_ptr + pid * F + offs_f, mask=mask_f, other=0.0)
+    if W > 0:
+        y = tl.load(partial_ptr + pid * D + offs_v, mask=mask_v, other=0.0)
+        ring_v = ring_v_ptr + (b * HKV + hk) * R * D
+        ring_fk = ring_fk_ptr + pid * R * F
+        leave_from = tl.maximum(window_start(p - 1, W, KIND), 0)
+        leave_to = tl.where(p > 0, tl.maximum(window_start(p, W, KIND), 0), 0)
+        moves = leave_to > leave_from
+        # one outer product per key leaving (sliding windows: one a step; terrace: a block, one step in W).
+        # Not a dot over the block: its operand layouts would hold every step's registers for a rare path
+        for j in range(leave_from, leave_to):
+            fk_leaving = tl.load(ring_fk + (j % R) * F + offs_f, mask=mask_f, other=0.0)
+            v_leaving = tl.load(ring_v + (j % R) * D + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+            state += fk_leaving[:, None] * v_leaving[None, :]
+    else:  # linear-only: the new key enters S at once
+        y = tl.zeros([BV], dtype=tl.float32)
+        moves = True
+        fk_new = tl.load(fk_ptr + pid * FSTRIDE + offs_f, mask=mask_f, other=0.0).to(tl.float32)
+        v_new = tl.load(v_ptr + (b * HKV + hk) * D + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+        state += fk_new[:, None] * v_new[None, :]
+    tl.store(kv_state + offs_f[:, None] * D + offs_v[None, :], state, mask=mask_f[:, None] & mask_v[None, :] & moves)
+    y += tl.sum(fq[:, None] * state, axis=0)
+    tl.store(y_ptr + pid * D + offs_v, y.to(y_ptr.dtype.element_ty), mask=mask_v)
+
+
+def _staged_step_fwd(state: RingState, q, k, v, fq, fk, gamma, window_size: int, kind: int,
+                     scale: float, hedgehog, value_tile: int = STATE_TILE,
+                     num_warps: int = STATE_WARPS) -> torch.Tensor:
+    B, H, D = q.shape
+    Hkv, R, F = k.shape[1], state.ring_k.shape[2], state.kv_state.shape[2]
+    linear = fq is not None or hedgehog is not None
+    BF = max(16, triton.next_power_of_2(max(F, 1)))
+    BV = min(value_tile, max(16, triton.next_power_of_2(D)))
+    y = torch.empty_like(q)
+    dummy = q  # for tensors a mode never reads (they may be empty, and CUDA refuses null pointers)
+    if hedgehog is not None:
+        features = torch.empty(B, H, 2, F, device=q.device, dtype=torch.float32)
+        _hedgehog_rows_kernel[(H, triton.cdiv(B, MAP_ROWS))](
+            q, k, *hedgehog[:2], features, B, hedgehog.eps, H=H, HKV=Hkv, D=D, F=F, BB=MAP_ROWS,
+            BH=max(16, triton.next_power_of_2(F // 2)), BV=32, num_warps=4)
+        fq, fk, fstride = features[:, :, 0], features[:, :, 1], 2 * F
+    else:
+        fstride = F
+    partial = torch.empty(B, H, D, device=q.device, dtype=torch.float32) if linear else y
+    query = torch.empty(B, H, F, device=q.device, dtype=torch.float32) if linear else dummy
+    linear_args = (fq, fk, state.kv_state, state.k_state, state.ring_fk) if linear else (dummy,) * 5
+    sizes = dict(H=H, HKV=Hkv, D=D, F=F, R=R, W=window_size, KIND=kind, FSTRIDE=fstride, BF=BF, EVICT=EVICT_ROWS)
+    _window_kernel[(B * H,)](
+        q, k, v, *linear_args[:2], gamma if gamma is not None else dummy, state.positions,
+        linear_args[3], state.ring_k, state.ring_v, linear_args[4], partial, query, scale,
+        HAS_LINEAR=linear, HAS_GAMMA=gamma is not None, BC=max(16, triton.next_power_of_2(R - 1)), BV=WINDOW_TILE,
+        num_warps=WINDOW_WARPS, **sizes)
+    if linear:
+        _state_kernel[(B * H, triton.cdiv(D, BV))](
+            v, linear_args[1], state.positions, state.kv_state, state.ring_v, state.ring_fk, partial, query, y,
+            BV=BV, num_warps=num_warps, **sizes)
+    return y
+
+
 def _decode_step_fwd(state: RingState, q, k, v, fq, fk, gamma, window_size: int, kind: int,
                      scale: float, hedgehog, value_tile: int = VALUE_TILE,
                      num_warps: int = NUM_WARPS) -> torch.Tensor:
@@ -265,6 +492,6 @@ def fused_recurrent_hybrid_attention(
     contiguous = [t.contiguous() if t is not None else None for t in (q, k, v, fq, fk, gamma)]
     if hedgehog is not None:
         hedgehog = HedgehogMaps(hedgehog.weight_q.contiguous(), hedgehog.weight_k.contiguous(), hedgehog.eps)
-    y = _decode_step_fwd(state, *contiguous, window_size, kind, scale, hedgehog)
+    y = (_staged_step_fwd if STAGED else _decode_step_fwd)(state, *contiguous, window_size, kind, scale, hedgehog)
     state.positions += 1
     return y

@@ -143,6 +143,26 @@ def test_fused_kernel_applies_the_hedgehog_map_itself(H, Hkv, D, half, w, mode, 
         assert_close(name, getattr(reference, name), getattr(fused, name))
 
 
+def test_fused_kernel_maps_rows_in_blocks():
+    """The Hedgehog maps of the new token are computed for 16 rows a program: 19 rows take two programs
+    per head, the second partly masked, and every row still gets its own features."""
+    B, H, Hkv, D, half, w, prompt = 19, 2, 1, 16, 8, 4, 9
+    q, k, v, _, _, gamma = make_inputs(B, H, Hkv, prompt + 1, D, 2 * half, "hybrid")
+    map_q, map_k = (HedgehogFeatureMap(H, D, half, "kaiming") for _ in range(2))
+    with torch.no_grad():
+        fq, fk = map_q(q), map_k(k.repeat_interleave(H // Hkv, dim=1))
+    reference = prefilled(q, k, v, fq, fk, w, "sliding", prompt)
+    fused = RingState(*(t.clone() for t in reference.tensors()))
+    y_ref = hybrid_attention_ring_step(reference, at(q, prompt), at(k, prompt), at(v, prompt), at(fq, prompt),
+                                       at(fk, prompt), gamma, w, "sliding")
+    maps = HedgehogMaps(map_q.weight.detach(), map_k.weight.detach(), PHI_EPS)
+    y_fused = fused_recurrent_hybrid_attention(fused, at(q, prompt), at(k, prompt), at(v, prompt), None, None, gamma,
+                                               w, "sliding", hedgehog=maps)
+    assert_close("y", y_ref, y_fused)
+    for name in ("kv_state", "k_state", "ring_fk"):
+        assert_close(name, getattr(reference, name), getattr(fused, name))
+
+
 def test_fused_kernel_reads_maps_cast_to_bfloat16_as_fp32():
     """A model cast whole to bf16 after linearize hands the kernel bf16 weights: the values are used as they
     are, like HedgehogFeatureMap.forward does (weight.float())."""
