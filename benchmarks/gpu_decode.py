@@ -5,7 +5,7 @@ Usage (repo root): python -m benchmarks.gpu_decode [--contexts 1024 4096 32768 1
 First a correctness check: the Triton step against the PyTorch ring step on this device, bf16 and
 fp32, both window kinds, over steps that evict keys into S; the script exits nonzero if it fails.
 Then, per context length, batch 1, the --shape layer (default llama3-8b: H 32, Hkv 8, D 128, F 128, w 64):
-  ours_kernel        fused_recurrent_hybrid_attention (one kernel + the position increment)
+  ours_kernel        fused_recurrent_hybrid_attention (its Triton kernels + the position increment)
   ours_kernel_graph  the same call replayed from a CUDA graph: GPU time without launch overhead
   ours_layer         + phi_q, phi_k and gamma, i.e. all a HybridCache decode step does per layer
   ours_wall, sdpa_wall  back-to-back calls timed by the host clock: Python and launch overhead included

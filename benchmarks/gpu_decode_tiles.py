@@ -1,15 +1,15 @@
-"""The fused decode kernel's tile and warp counts, side by side, at batch 1 and in batch.
+"""The decode step's S tile and warp counts (`_state_kernel`), side by side, at batch 1 and in batch.
 
 Usage (repo root): python -m benchmarks.gpu_decode_tiles [--batches 1 64] [--tiles 32 64 128] [--warps 4 8 16]
     [--window terrace] [--variants maps_in_kernel maps_given window_only] [--out DIR] [--smoke]
 One Llama-3-8B-shaped layer (H 32, Hkv 8, D 128, Hedgehog 64 -> F 128, window 64) after a 4K prompt,
-the Hedgehog maps applied in the kernel (`HedgehogMaps`), as a HybridCache decode step runs it. Per
+the Hedgehog maps applied by the step (`HedgehogMaps`), as a HybridCache decode step runs it. Per
 batch and (value tile BV, num_warps): the step replayed from a CUDA graph (device time, no launch
 overhead), ms, and its output's largest difference from the default configuration's (the same
 step from the same state: tiles change the order of fp32 sums only). `bytes_floor_ms` is the state
 and ring bytes the step must read and write (`state_bytes`) over the copy bandwidth measured in the run.
 --variants times parts of the step, to place its time: `maps_in_kernel` (the step as HybridCache runs it),
-`maps_given` (fq, fk computed beforehand and read by the kernel: the Hedgehog maps' share) and
+`maps_given` (fq, fk computed beforehand and read by the step: the Hedgehog maps' share) and
 `window_only` (no linear branch: neither maps nor S, z). Each variant's max_abs_diff is against its own
 default tile and warps.
 Writes <out>/gpu_decode_tiles.json. --smoke: tiny fp32 shapes on CPU, no timings (the kernel runs there
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from kernels.hybrid_attention import RingState, fill_ring_state, ring_size
-from kernels.hybrid_attention.fused_recurrent import NUM_WARPS, VALUE_TILE, HedgehogMaps, _decode_step_fwd, _staged_step_fwd
+from kernels.hybrid_attention.fused_recurrent import STATE_TILE, STATE_WARPS, HedgehogMaps, _decode_step_fwd
 from kernels.hybrid_attention.kernel_windows import kernel_code
 from pipeline.hybrid.feature_maps import PHI_EPS, HedgehogFeatureMap
 
@@ -62,7 +62,6 @@ def state_bytes(state: RingState, batch: int, shape: AttentionShape, window: str
 
 
 VARIANTS = ("maps_in_kernel", "maps_given", "window_only")
-KERNELS = {"single": _decode_step_fwd, "staged": _staged_step_fwd}
 
 
 def variant_inputs(variant: str, args: tuple, maps: HedgehogMaps) -> tuple[tuple, HedgehogMaps | None]:
@@ -85,33 +84,29 @@ def hedgehog(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def sweep(shape: AttentionShape, batch: int, window: str, tiles: list[int], warps: list[int], dtype: torch.dtype,
-          device: torch.device, variant: str = "maps_in_kernel", kernels: tuple[str, ...] = ("single",)
-          ) -> list[dict[str, Any]]:
+          device: torch.device, variant: str = "maps_in_kernel") -> list[dict[str, Any]]:
     if not triton_runs_on(device):
         return [{"batch": batch, "skipped": "the Triton kernel needs CUDA, or TRITON_INTERPRET=1 on the CPU"}]
     state, args, maps = layer(shape, batch, window, dtype, device)
     args, maps = variant_inputs(variant, args, maps)
     kind, scale = kernel_code(window, "fused decode step"), shape.head_dim ** -0.5
 
-    def step(launch, tile: int, warp: int):
+    def step(tile: int, warp: int):
         fresh = RingState(*(t.clone() for t in state.tensors()))
-        return launch(fresh, *args, WINDOW_SIZE, kind, scale, maps, tile, warp)
+        return _decode_step_fwd(fresh, *args, WINDOW_SIZE, kind, scale, maps, tile, warp)
 
-    reference = step(KERNELS[kernels[0]], VALUE_TILE, NUM_WARPS).float()
+    reference = step(STATE_TILE, STATE_WARPS).float()
     rows = []
-    for name in kernels:
-        launch = KERNELS[name]
-        for tile in tiles:
-            for warp in warps:
-                row: dict[str, Any] = {"kernel": name, "variant": variant, "batch": batch, "value_tile": tile,
-                                       "num_warps": warp, "default": (tile, warp) == (VALUE_TILE, NUM_WARPS)}
-                row["max_abs_diff"] = guarded(lambda: float((step(launch, tile, warp).float() - reference).abs().max()),
-                                              device)
-                work = RingState(*(t.clone() for t in state.tensors()))
-                row["ms"] = guarded(lambda: bench_graph_ms(
-                    lambda: launch(work, *args, WINDOW_SIZE, kind, scale, maps, tile, warp), device), device)
-                rows.append(row)
-                print(row, flush=True)
+    for tile in tiles:
+        for warp in warps:
+            row: dict[str, Any] = {"variant": variant, "batch": batch, "value_tile": tile, "num_warps": warp,
+                                   "default": (tile, warp) == (STATE_TILE, STATE_WARPS)}
+            row["max_abs_diff"] = guarded(lambda: float((step(tile, warp).float() - reference).abs().max()), device)
+            work = RingState(*(t.clone() for t in state.tensors()))
+            row["ms"] = guarded(lambda: bench_graph_ms(
+                lambda: _decode_step_fwd(work, *args, WINDOW_SIZE, kind, scale, maps, tile, warp), device), device)
+            rows.append(row)
+            print(row, flush=True)
     return rows
 
 
@@ -122,7 +117,6 @@ def main() -> None:
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--window", default="terrace", choices=["sliding", "terrace"])
     parser.add_argument("--variants", nargs="+", default=["maps_in_kernel"], choices=VARIANTS)
-    parser.add_argument("--kernels", nargs="+", default=["staged"], choices=list(KERNELS))
     parser.add_argument("--out", help="results folder (default: benchmarks/<this GPU>, e.g. benchmarks/h200)")
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU")
     args = parser.parse_args()
@@ -135,18 +129,17 @@ def main() -> None:
     bandwidth = copy_bandwidth_tb_s(device) if device.type == "cuda" else None
     result: dict[str, Any] = {"environment": environment(device), "shape": vars(shape), "window": args.window,
                               "window_size": WINDOW_SIZE, "dtype": str(dtype), "copy_bandwidth_tb_s": bandwidth,
-                              "defaults": {"value_tile": VALUE_TILE, "num_warps": NUM_WARPS}, "batches": {}}
+                              "defaults": {"value_tile": STATE_TILE, "num_warps": STATE_WARPS}, "batches": {}}
     for batch in args.batches:
         rows = [row for variant in args.variants
-                for row in sweep(shape, batch, args.window, args.tiles, args.warps, dtype, device, variant,
-                                tuple(args.kernels))]
+                for row in sweep(shape, batch, args.window, args.tiles, args.warps, dtype, device, variant)]
         state, _, _ = layer(shape, batch, args.window, dtype, device)
         floor = state_bytes(state, batch, shape, args.window) / (bandwidth * 1e12) * 1e3 if bandwidth else None
         result["batches"][str(batch)] = {"bytes_floor_ms": floor, "rows": rows}
         write_result(results_dir(args.out, device), "gpu_decode_tiles", result)
     print("wrote", write_result(results_dir(args.out, device), "gpu_decode_tiles", result))
     print(format_table([r for b in result["batches"].values() for r in b["rows"]],
-                       ["kernel", "variant", "batch", "value_tile", "num_warps", "default", "ms", "max_abs_diff"]))
+                       ["variant", "batch", "value_tile", "num_warps", "default", "ms", "max_abs_diff"]))
 
 
 if __name__ == "__main__":

@@ -55,3 +55,21 @@ def test_kernel_scripts_need_no_pipeline_packages(script, tmp_path):
     done = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", "--help"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_decode_kernels_compile_for_hopper_without_spilling(tmp_path):
+    """The decode step's kernels compiled for sm_90 by Triton's own ptxas (no GPU needed): a kernel that
+    fails to compile for the GPU, or spills, or takes so many registers that few warps stay resident,
+    fails here instead of on a lent GPU. The window and state kernels carry the step's memory traffic;
+    128 registers a thread still leaves 16 warps a multiprocessor."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.decode_registers", "--models", "llama3-8b", "--out",
+                           str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    rows = json.loads((tmp_path / "decode_registers.json").read_text())["rows"]
+    assert {(row["mode"], row["kernel"]) for row in rows} >= {("terrace", "maps"), ("terrace", "window"),
+                                                             ("terrace", "state"), ("window_only", "window")}
+    for row in rows:
+        assert row["stack_bytes"] == 0, row
+        if row["kernel"] != "maps":
+            assert row["registers"] <= 128, row

@@ -9,10 +9,12 @@ Three launches a layer, cut where the work changes shape:
   `_hedgehog_rows_kernel`  (head, 16 rows): phi_q, phi_k of the new token (with `hedgehog` only);
   `_window_kernel`         (row, head): window scores and values, z, the denominator, the ring;
   `_state_kernel`          (row, head, BV value columns): S advanced and read, y.
-One program per (row, head) for everything was latency-bound: its window, maps and S phases ran one
-after the other, and every program read its head's map weights again (B times a step). Here the
-maps read their weights once per 16 rows, and the S reads, the step's bulk, are spread over
-D/BV programs per head that each load their tile first. benchmarks/gpu_decode_tiles.py times both.
+One program per (row, head) for everything (the kernel before 2026-12-07) was latency-bound: 255
+registers a thread with spills, its window, maps and S phases one after the other, and every program
+reading its head's map weights again (B times a step: at batch 64 on an H100, 57 of its 185 us a layer).
+Here the maps read their weights once per 16 rows, and the S reads, the step's bulk, are spread over
+D/BV programs per head that each load their tile first, in 62 registers. Keys leaving the window go
+into S one outer product each: a dot over a terrace block held its operands' registers on every step.
 Program (b, h) of the window kernel owns z[b,h] and ring_fk[b,h]; ring_k/v rows are shared by the
 query heads of one GQA group (read in place, never repeated), and only the group's first head writes
 the new key and value. The ring has one slot more than the window ever holds, so that write never
@@ -41,169 +43,22 @@ from .ring import RingState
 
 
 class HedgehogMaps(NamedTuple):
-    """Query and key Hedgehog maps the kernel applies itself: W [H,D,F/2] each (the hybrid's fp32
+    """Query and key Hedgehog maps the step applies itself: W [H,D,F/2] each (the hybrid's fp32
     masters, or a model cast whole to bf16; read as fp32), and their clamp."""
     weight_q: torch.Tensor
     weight_k: torch.Tensor
     eps: float
 
-VALUE_TILE = 32  # BV: columns of S / v per inner step
-NUM_WARPS = 4  # at batch 64 on an H200 half the time of 8 warps, equal at batch 1 (benchmarks/gpu_decode_tiles.py)
-STAGED = True
+
 # Tiles and warps of the staged kernels, from the compiler's register report for sm_90 at the Llama-3-8B
 # shape (terrace window of 64): each stays under ~100 registers a thread with no spill, so 16-32 warps fit
-# on a multiprocessor to hide the loads' latency (the single kernel takes 255 and spills)
+# on a multiprocessor to hide the loads' latency (one kernel for the whole step took 255 and spilled)
 STATE_TILE = 32  # S columns per `_state_kernel` program: 62 registers at 4 warps (64 columns: 94)
 STATE_WARPS = 4
+TILE_VALUES = 4096  # fp32 values in a state or map weight tile at most: fewer columns where F is larger
 WINDOW_TILE = 16  # head-dim columns per step of `_window_kernel`'s loops: 64 registers at 8 warps (32 at 4 warps: 240)
 WINDOW_WARPS = 8
 MAP_ROWS = 16  # rows per `_hedgehog_rows_kernel` program: tl.dot's smallest M
-EVICT_ROWS = 16  # keys moved into S per dot when a terrace block leaves (tl.dot needs >= 16)
-
-
-@triton.jit
-def _leaving_rows(ring, j0, j_end, R: tl.constexpr, ROW: tl.constexpr, offs, mask, EVICT: tl.constexpr):
-    """[EVICT, len(offs)] fp32: ring rows of positions j0 .. j0+EVICT-1 below j_end (zeros past it)."""
-    rows = j0 + tl.arange(0, EVICT)
-    ok = rows < j_end
-    return tl.load(ring + (rows % R)[:, None] * ROW + offs[None, :], mask=ok[:, None] & mask[None, :],
-                   other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _hedgehog(x_row, w_head, D: tl.constexpr, F: tl.constexpr, offs_f, mask_f, BV: tl.constexpr, eps):
-    """phi(x) [BF] fp32 of one vector x [D] at x_row under W_h [D,F/2] at w_head: column f < F/2 is
-    softmax(u)_f, column f >= F/2 softmax(-u)_(f-F/2), u = x W_h, each clamped at eps."""
-    half = F // 2
-    first = offs_f < half
-    u = tl.zeros([offs_f.shape[0]], dtype=tl.float32)
-    for d0 in tl.static_range(0, D, BV):
-        offs_d = d0 + tl.arange(0, BV)
-        mask_d = offs_d < D
-        x = tl.load(x_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        w = tl.load(w_head + offs_d[:, None] * half + (offs_f % half)[None, :],
-                    mask=mask_d[:, None] & mask_f[None, :], other=0.0).to(tl.float32)
-        u += tl.sum(x[:, None] * w, axis=0)
-    u = tl.where(first, u, -u)
-    top = tl.where(first, tl.max(tl.where(first & mask_f, u, float("-inf")), axis=0),
-                   tl.max(tl.where(first | ~mask_f, float("-inf"), u), axis=0))
-    e = tl.where(mask_f, tl.exp(u - top), 0.0)
-    total = tl.where(first, tl.sum(tl.where(first, e, 0.0), axis=0), tl.sum(tl.where(first, 0.0, e), axis=0))
-    return tl.where(mask_f, tl.maximum(e / total, eps), 0.0)
-
-
-@triton.jit
-def _decode_step_kernel(
-    q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gamma_ptr, pos_ptr,
-    kv_state_ptr, k_state_ptr, ring_k_ptr, ring_v_ptr, ring_fk_ptr, y_ptr,
-    scale, eps,
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, R: tl.constexpr,
-    W: tl.constexpr, KIND: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr,
-    HEDGEHOG: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, EVICT: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    hk = h // (H // HKV)
-    writes_kv = (h % (H // HKV)) == 0  # the GQA group's first head stores the new key/value
-    p = tl.load(pos_ptr + b)  # position of the new token in this row
-    slot_new = p % R
-
-    q_row = q_ptr + (b * H + h) * D
-    k_row = k_ptr + (b * HKV + hk) * D
-    v_row = v_ptr + (b * HKV + hk) * D
-    ring_k = ring_k_ptr + (b * HKV + hk) * R * D
-    ring_v = ring_v_ptr + (b * HKV + hk) * R * D
-    ring_fk = ring_fk_ptr + (b * H + h) * R * F
-    kv_state = kv_state_ptr + (b * H + h) * F * D
-    offs_c = tl.arange(0, BC)
-    offs_f = tl.arange(0, BF)
-    mask_f = offs_f < F
-
-    den = tl.zeros([], dtype=tl.float32)
-    # whether S and z change at this step: always with the window off (the new key is linear), else when
-    # keys leave the window: every step for sliding windows, once a block for terrace ones, whose
-    # other steps only read S (no write: half of S's traffic, which dominates the step in batch)
-    moves = W == 0
-    if W > 0:
-        # window scores: the old keys still inside, positions start .. p-1 (at slots j % R), then the new key
-        start = tl.maximum(window_start(p, W, KIND), 0)
-        held = start + offs_c
-        in_window = held < p
-        slots = held % R
-        s = tl.zeros([BC], dtype=tl.float32)
-        s_new = tl.zeros([], dtype=tl.float32)
-        for d0 in tl.static_range(0, D, BV):
-            offs_d = d0 + tl.arange(0, BV)
-            mask_d = offs_d < D
-            q_d = tl.load(q_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            k_d = tl.load(k_row + offs_d, mask=mask_d, other=0.0)
-            k_old = tl.load(ring_k + slots[:, None] * D + offs_d[None, :],
-                            mask=in_window[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-            s += tl.sum(k_old * q_d[None, :], axis=1)
-            s_new += tl.sum(k_d.to(tl.float32) * q_d)
-            tl.store(ring_k + slot_new * D + offs_d, k_d.to(ring_k_ptr.dtype.element_ty), mask=mask_d & writes_kv)
-        s = tl.where(in_window, s * scale, float("-inf"))
-        s_new = s_new * scale
-        m = tl.maximum(tl.max(s, axis=0), s_new)
-        g = 1.0
-        if HAS_GAMMA:
-            g = tl.load(gamma_ptr + h).to(tl.float32)
-        a = tl.where(in_window, tl.exp(s - m), 0.0) * g  # [BC]
-        a_new = tl.exp(s_new - m) * g
-        den += tl.sum(a, axis=0) + a_new
-        # positions leaving the window at this step (none at p = 0)
-        leave_from = tl.maximum(window_start(p - 1, W, KIND), 0)
-        leave_to = tl.where(p > 0, tl.maximum(window_start(p, W, KIND), 0), 0)
-        moves = leave_to > leave_from
-    if HAS_LINEAR:
-        if HEDGEHOG:  # fq_ptr, fk_ptr hold W_q, W_k [H,D,F/2]
-            fq = _hedgehog(q_row, fq_ptr + h * D * (F // 2), D, F, offs_f, mask_f, BV, eps)
-            fk_new = _hedgehog(k_row, fk_ptr + h * D * (F // 2), D, F, offs_f, mask_f, BV, eps)
-        else:
-            fq = tl.load(fq_ptr + (b * H + h) * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
-            fk_new = tl.load(fk_ptr + (b * H + h) * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
-        z = tl.load(k_state_ptr + (b * H + h) * F + offs_f, mask=mask_f, other=0.0)
-        if W > 0:
-            for j0 in range(leave_from, leave_to, EVICT):
-                fk_block = _leaving_rows(ring_fk, j0, leave_to, R, F, offs_f, mask_f, EVICT)  # [EVICT,BF]
-                z += tl.sum(fk_block, axis=0)
-            tl.store(ring_fk + slot_new * F + offs_f, fk_new, mask=mask_f)
-        else:  # linear-only: the new key is linear for its own query
-            z += fk_new
-        tl.store(k_state_ptr + (b * H + h) * F + offs_f, z, mask=mask_f & moves)
-        den += tl.sum(fq * z, axis=0)
-
-    for v0 in tl.static_range(0, D, BV):
-        offs_v = v0 + tl.arange(0, BV)
-        mask_v = offs_v < D
-        v_new = tl.load(v_row + offs_v, mask=mask_v, other=0.0)
-        num = tl.zeros([BV], dtype=tl.float32)
-        if W > 0:
-            v_window = tl.load(ring_v + slots[:, None] * D + offs_v[None, :],
-                               mask=in_window[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
-            num += tl.sum(a[:, None] * v_window, axis=0) + a_new * v_new.to(tl.float32)
-        if HAS_LINEAR:
-            state = tl.load(kv_state + offs_f[:, None] * D + offs_v[None, :],
-                            mask=mask_f[:, None] & mask_v[None, :], other=0.0)  # [BF,BV] fp32
-            if W > 0:
-                if leave_to - leave_from == 1:  # sliding windows: one key a step, an outer product
-                    fk_leaving = tl.load(ring_fk + (leave_from % R) * F + offs_f, mask=mask_f, other=0.0)
-                    v_leaving = tl.load(ring_v + (leave_from % R) * D + offs_v, mask=mask_v, other=0.0)
-                    state += fk_leaving[:, None] * v_leaving.to(tl.float32)[None, :]
-                else:  # terrace windows: a whole block, EVICT keys per exact fp32 dot
-                    for j0 in range(leave_from, leave_to, EVICT):
-                        fk_block = _leaving_rows(ring_fk, j0, leave_to, R, F, offs_f, mask_f, EVICT)
-                        v_block = _leaving_rows(ring_v, j0, leave_to, R, D, offs_v, mask_v, EVICT)
-                        state += tl.dot(tl.trans(fk_block), v_block, input_precision="ieee")
-            else:
-                state += fk_new[:, None] * v_new.to(tl.float32)[None, :]
-            tl.store(kv_state + offs_f[:, None] * D + offs_v[None, :], state,
-                     mask=mask_f[:, None] & mask_v[None, :] & moves)
-            num += tl.sum(fq[:, None] * state, axis=0)
-        if W > 0:  # after every read of the leaving keys' values
-            tl.store(ring_v + slot_new * D + offs_v, v_new.to(ring_v_ptr.dtype.element_ty), mask=mask_v & writes_kv)
-        tl.store(y_ptr + (b * H + h) * D + offs_v, (num / den).to(y_ptr.dtype.element_ty), mask=mask_v)
 
 
 @triton.jit
@@ -252,7 +107,7 @@ def _window_kernel(
     scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, R: tl.constexpr,
     W: tl.constexpr, KIND: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr,
-    FSTRIDE: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, EVICT: tl.constexpr,
+    FSTRIDE: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
 ):
     """Everything of the step but S, per (row, query head): the window's softmax weights, z advanced by
     the keys leaving, the denominator den, and the new key/value in their ring slot. Writes out [D] =
@@ -344,7 +199,7 @@ def _state_kernel(
     v_ptr, fk_ptr, pos_ptr, kv_state_ptr, ring_v_ptr, ring_fk_ptr, partial_ptr, query_ptr, y_ptr,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, R: tl.constexpr,
     W: tl.constexpr, KIND: tl.constexpr, FSTRIDE: tl.constexpr,
-    BF: tl.constexpr, BV: tl.constexpr, EVICT: tl.constexpr,
+    BF: tl.constexpr, BV: tl.constexpr,
 ):
     """y for one (row, query head, BV value columns): S's columns advanced by the keys leaving the window
     (written back only then), y = partial + query S. S is loaded first, the step's one large read."""
@@ -385,60 +240,62 @@ def _state_kernel(
     tl.store(y_ptr + pid * D + offs_v, y.to(y_ptr.dtype.element_ty), mask=mask_v)
 
 
-def _staged_step_fwd(state: RingState, q, k, v, fq, fk, gamma, window_size: int, kind: int,
+class Launch(NamedTuple):
+    """One kernel launch of the step: the kernel, its grid, its compile-time arguments and warps."""
+    kernel: triton.runtime.JITFunction
+    grid: tuple[int, ...]
+    constexprs: dict
+    num_warps: int
+
+
+def launches(B: int, H: int, Hkv: int, D: int, F: int, R: int, window_size: int, kind: int, linear: bool,
+             maps: bool, gamma: bool, value_tile: int = STATE_TILE, num_warps: int = STATE_WARPS) -> dict[str, Launch]:
+    """The step's launches by name ("maps" with `maps`, "window", "state" with `linear`), in launch
+    order; `benchmarks/decode_registers.py` compiles the same ones for the register report."""
+    BF = max(16, triton.next_power_of_2(max(F, 1)))
+    BV = min(value_tile, max(16, TILE_VALUES // BF), max(16, triton.next_power_of_2(D)))
+    sizes = dict(H=H, HKV=Hkv, D=D, F=F, R=R, W=window_size, KIND=kind, FSTRIDE=2 * F if maps else F, BF=BF)
+    plan = {}
+    if maps:
+        BH = max(16, triton.next_power_of_2(F // 2))
+        plan["maps"] = Launch(_hedgehog_rows_kernel, (H, triton.cdiv(B, MAP_ROWS)),
+                              dict(H=H, HKV=Hkv, D=D, F=F, BB=MAP_ROWS, BH=BH, BV=max(16, min(32, TILE_VALUES // 2 // BH))),
+                              4)
+    plan["window"] = Launch(_window_kernel, (B * H,), dict(sizes, HAS_LINEAR=linear, HAS_GAMMA=gamma,
+                                                           BC=max(16, triton.next_power_of_2(R - 1)), BV=WINDOW_TILE),
+                            WINDOW_WARPS)
+    if linear:
+        plan["state"] = Launch(_state_kernel, (B * H, triton.cdiv(D, BV)), dict(sizes, BV=BV), num_warps)
+    return plan
+
+
+def _decode_step_fwd(state: RingState, q, k, v, fq, fk, gamma, window_size: int, kind: int,
                      scale: float, hedgehog, value_tile: int = STATE_TILE,
                      num_warps: int = STATE_WARPS) -> torch.Tensor:
     B, H, D = q.shape
     Hkv, R, F = k.shape[1], state.ring_k.shape[2], state.kv_state.shape[2]
     linear = fq is not None or hedgehog is not None
-    BF = max(16, triton.next_power_of_2(max(F, 1)))
-    BV = min(value_tile, max(16, triton.next_power_of_2(D)))
+    plan = launches(B, H, Hkv, D, F, R, window_size, kind, linear, hedgehog is not None, gamma is not None,
+                    value_tile, num_warps)
     y = torch.empty_like(q)
     dummy = q  # for tensors a mode never reads (they may be empty, and CUDA refuses null pointers)
     if hedgehog is not None:
         features = torch.empty(B, H, 2, F, device=q.device, dtype=torch.float32)
-        _hedgehog_rows_kernel[(H, triton.cdiv(B, MAP_ROWS))](
-            q, k, *hedgehog[:2], features, B, hedgehog.eps, H=H, HKV=Hkv, D=D, F=F, BB=MAP_ROWS,
-            BH=max(16, triton.next_power_of_2(F // 2)), BV=32, num_warps=4)
-        fq, fk, fstride = features[:, :, 0], features[:, :, 1], 2 * F
-    else:
-        fstride = F
+        _launch(plan["maps"], q, k, *hedgehog[:2], features, B, hedgehog.eps)
+        fq, fk = features[:, :, 0], features[:, :, 1]
     partial = torch.empty(B, H, D, device=q.device, dtype=torch.float32) if linear else y
     query = torch.empty(B, H, F, device=q.device, dtype=torch.float32) if linear else dummy
     linear_args = (fq, fk, state.kv_state, state.k_state, state.ring_fk) if linear else (dummy,) * 5
-    sizes = dict(H=H, HKV=Hkv, D=D, F=F, R=R, W=window_size, KIND=kind, FSTRIDE=fstride, BF=BF, EVICT=EVICT_ROWS)
-    _window_kernel[(B * H,)](
-        q, k, v, *linear_args[:2], gamma if gamma is not None else dummy, state.positions,
-        linear_args[3], state.ring_k, state.ring_v, linear_args[4], partial, query, scale,
-        HAS_LINEAR=linear, HAS_GAMMA=gamma is not None, BC=max(16, triton.next_power_of_2(R - 1)), BV=WINDOW_TILE,
-        num_warps=WINDOW_WARPS, **sizes)
+    _launch(plan["window"], q, k, v, *linear_args[:2], gamma if gamma is not None else dummy, state.positions,
+            linear_args[3], state.ring_k, state.ring_v, linear_args[4], partial, query, scale)
     if linear:
-        _state_kernel[(B * H, triton.cdiv(D, BV))](
-            v, linear_args[1], state.positions, state.kv_state, state.ring_v, state.ring_fk, partial, query, y,
-            BV=BV, num_warps=num_warps, **sizes)
+        _launch(plan["state"], v, linear_args[1], state.positions, state.kv_state, state.ring_v, state.ring_fk,
+                partial, query, y)
     return y
 
 
-def _decode_step_fwd(state: RingState, q, k, v, fq, fk, gamma, window_size: int, kind: int,
-                     scale: float, hedgehog, value_tile: int = VALUE_TILE,
-                     num_warps: int = NUM_WARPS) -> torch.Tensor:
-    B, H, D = q.shape
-    Hkv, R, F = k.shape[1], state.ring_k.shape[2], state.kv_state.shape[2]
-    linear = fq is not None or hedgehog is not None
-    y = torch.empty_like(q)
-    dummy = q  # for tensors a mode never reads (they may be empty, and CUDA refuses null pointers)
-    maps = hedgehog[:2] if hedgehog is not None else (fq, fk)
-    linear_args = (*maps, state.kv_state, state.k_state, state.ring_fk) if linear else (dummy,) * 5
-    _decode_step_kernel[(B * H,)](
-        q, k, v, *linear_args[:2], gamma if gamma is not None else dummy,
-        state.positions, *linear_args[2:4], state.ring_k, state.ring_v, linear_args[4], y,
-        scale, hedgehog.eps if hedgehog is not None else 0.0,
-        H=H, HKV=Hkv, D=D, F=F, R=R, W=window_size, KIND=kind,
-        HAS_LINEAR=linear, HAS_GAMMA=gamma is not None, HEDGEHOG=hedgehog is not None,
-        BF=max(16, triton.next_power_of_2(max(F, 1))), BC=max(16, triton.next_power_of_2(R - 1)),
-        BV=min(value_tile, max(16, triton.next_power_of_2(D))), EVICT=EVICT_ROWS, num_warps=num_warps,
-    )
-    return y
+def _launch(launch: Launch, *args) -> None:
+    launch.kernel[launch.grid](*args, **launch.constexprs, num_warps=launch.num_warps)
 
 
 def _check_step_inputs(state: RingState, q, k, v, fq, fk, gamma, window: str, hedgehog) -> int:
@@ -485,13 +342,14 @@ def fused_recurrent_hybrid_attention(
     scale: float | None = None,
     hedgehog: HedgehogMaps | None = None,  # instead of fq, fk (which are then None)
 ) -> torch.Tensor:  # y [B,H,D] in q's dtype; `state` (S, z, rings, positions) advanced in place
-    """Decode one token per row in one kernel launch; the arguments of `hybrid_attention_ring_step`,
-    or with `hedgehog` instead of fq, fk: the Hedgehog feature maps computed in the kernel."""
+    """Decode one token per row in two Triton launches (three with `hedgehog`); the arguments of
+    `hybrid_attention_ring_step`, or with `hedgehog` instead of fq, fk: the Hedgehog feature maps
+    computed by the step itself."""
     kind = _check_step_inputs(state, q, k, v, fq, fk, gamma, window, hedgehog)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     contiguous = [t.contiguous() if t is not None else None for t in (q, k, v, fq, fk, gamma)]
     if hedgehog is not None:
         hedgehog = HedgehogMaps(hedgehog.weight_q.contiguous(), hedgehog.weight_k.contiguous(), hedgehog.eps)
-    y = (_staged_step_fwd if STAGED else _decode_step_fwd)(state, *contiguous, window_size, kind, scale, hedgehog)
+    y = _decode_step_fwd(state, *contiguous, window_size, kind, scale, hedgehog)
     state.positions += 1
     return y

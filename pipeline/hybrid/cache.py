@@ -133,7 +133,7 @@ class HybridCacheLayer(CacheLayerMixin):
         config = hybrid.config
         backend = resolve_backend(config.backend, q.device, DECODE_BACKENDS)
         maps = hybrid.decode_maps(backend, q)
-        if maps is not None:  # the kernel applies the feature maps itself: one launch for the layer
+        if maps is not None:  # the fused step applies the feature maps itself (no PyTorch ops for them)
             y = fused_recurrent_hybrid_attention(self.state, q, k, v, None, None, hybrid.gamma(),
                                                  config.effective_window_size, config.window, scale, hedgehog=maps)
         else:
