@@ -94,13 +94,16 @@ def bench_ms(fn: Callable[[], Any], device: torch.device, warmup_ms: float = 25,
     return statistics.median(times)
 
 
-def wall_ms(fn: Callable[[], Any], device: torch.device, calls: int = 200) -> float:
-    """Host-clock time per call over back-to-back calls (what a CPU-bound decode loop sees)."""
+def wall_ms(fn: Callable[[], Any], device: torch.device, calls: int = 200, wait: bool = False) -> float:
+    """Host-clock time per call over back-to-back calls (what a CPU-bound decode loop sees); `wait`: the
+    host waits for the device after every call, so nothing of one call overlaps the next."""
     fn()
     synchronize(device)
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+        if wait:
+            synchronize(device)
     synchronize(device)
     return (time.perf_counter() - start) * 1000 / calls
 

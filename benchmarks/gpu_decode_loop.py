@@ -41,17 +41,6 @@ from .gpu_generate import LLAMA3_8B, SMOKE_MODEL, build_model
 TOP_OPS = 30
 
 
-def idle_ms(fn, device: torch.device, calls: int = 50) -> float:
-    """Per call of fn() followed by a wait for the device: nothing overlaps the next call."""
-    fn()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-        synchronize(device)
-    return (time.perf_counter() - start) * 1000 / calls
-
-
 def host_ops(model, ids: torch.Tensor, cache, steps: int, device: torch.device) -> dict[str, Any]:
     """Host time per generate() step by op, and device kernel time per step."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -135,11 +124,11 @@ def measure(model, batch: int, prompt: int, steps: int, compile_mode: str, devic
             return dict(result, failure=cache.graphs.failure)
         graph = cache.graphs.captured[batch].graph
         result["replay_ms"] = round(wall_ms(graph.replay, device, steps), 3)
-        result["replay_idle_ms"] = round(idle_ms(graph.replay, device, steps), 3)
-    result["step_idle_ms"] = round(idle_ms(step, device, steps), 3)
+        result["replay_idle_ms"] = round(wall_ms(graph.replay, device, steps, wait=True), 3)
+    result["step_idle_ms"] = round(wall_ms(step, device, steps, wait=True), 3)
     # the mask grows by a column a step, as generate()'s does (made here, one op more than generate's cat)
-    result["step_mask_idle_ms"] = round(idle_ms(lambda: step(attention_mask=torch.ones(
-        batch, cache.get_seq_length() + 1, dtype=torch.long, device=device)), device, steps), 3)
+    result["step_mask_idle_ms"] = round(wall_ms(lambda: step(attention_mask=torch.ones(
+        batch, cache.get_seq_length() + 1, dtype=torch.long, device=device)), device, steps, wait=True), 3)
 
     def loop(sync: bool):
         nonlocal token
