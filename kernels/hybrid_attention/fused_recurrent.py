@@ -5,7 +5,7 @@ against): for every (row, query head),
   1. keys leaving the window since the previous token -> S += fk v^T, z += fk (fp32),
   2. the new key, value and feature-mapped key -> their ring slot,
   3. y = (gamma sum_win e^{s - m} v + fq S) / (gamma sum_win e^{s - m} + fq z).
-Three launches a layer, cut where the work changes shape:
+Three launches a layer (two when fq, fk come in computed), cut where the work changes shape:
   `_hedgehog_rows_kernel`  (head, 16 rows): phi_q, phi_k of the new token (with `hedgehog` only);
   `_window_kernel`         (row, head): window scores and values, z, the denominator, the ring;
   `_state_kernel`          (row, head, BV value columns): S advanced and read, y.
@@ -28,8 +28,8 @@ Feature maps: fq, fk come in computed, or (`hedgehog`) the first kernel computes
 from the weights W_q, W_k [H,D,F/2] of `pipeline.hybrid.feature_maps.HedgehogFeatureMap`,
 phi(x) = max([softmax(x W_h), softmax(-x W_h)], eps), for the query and the new key.
 
-Math is fp32: elementwise, plus exact ("ieee") fp32 dots for the maps and when a terrace block of
-keys moves into S, so the kernels match the PyTorch step and run under TRITON_INTERPRET=1 on CPU.
+Math is fp32: elementwise, plus exact ("ieee") fp32 dots for the maps, so the kernels match the
+PyTorch step and run under TRITON_INTERPRET=1 on CPU.
 Inputs may be fp32, fp16 or bf16; S, z, ring_fk and every sum stay fp32.
 """
 from typing import NamedTuple
