@@ -34,8 +34,8 @@ from torch.profiler import ProfilerActivity, profile
 from pipeline.hybrid import HybridCache
 from pipeline.hybrid.decode_graph import COMPILE_MODES
 
-from .gpu_common import MIB, environment, guarded, release_memory, results_dir, synchronize, wall_ms, write_result
-from .gpu_decode_profile import prefilled
+from .gpu_common import MIB, environment, guarded, release_memory, results_dir, wall_ms, write_result
+from .gpu_decode_profile import continuing, generate_ms, prefilled
 from .gpu_generate import LLAMA3_8B, SMOKE_MODEL, build_model
 
 TOP_OPS = 30
@@ -140,17 +140,9 @@ def measure(model, batch: int, prompt: int, steps: int, compile_mode: str, devic
 
     result["loop_ms"] = round(wall_ms(lambda: loop(False), device, steps), 3)
     result["loop_sync_ms"] = round(wall_ms(lambda: loop(True), device, steps), 3)
-    ids = torch.cat([token.new_ones(batch, cache.get_seq_length()), token], dim=1)  # ones: not the pad id
-    synchronize(device)
-    start = time.perf_counter()
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                         pad_token_id=0)
-    synchronize(device)
-    result["generate_ms"] = round(1000 * (time.perf_counter() - start) / (out.shape[1] - ids.shape[1]), 3)
-    ids = torch.cat([out.new_ones(batch, cache.get_seq_length()), out[:, -1:]], dim=1)
-    result["timeline"] = host_timeline(model, ids, cache, steps)
-    ids = torch.cat([ids.new_ones(batch, cache.get_seq_length()), ids[:, -1:]], dim=1)
-    result["host_ops"] = host_ops(model, ids, cache, min(steps, 16), device)
+    result["generate_ms"], token = generate_ms(model, cache, token, steps, device)
+    result["timeline"] = host_timeline(model, continuing(cache, token), cache, steps)
+    result["host_ops"] = host_ops(model, continuing(cache, token), cache, min(steps, 16), device)
     result["cache_mib"] = round(cache.nbytes() / MIB, 1)
     del cache
     release_memory(device)

@@ -89,6 +89,25 @@ def prefilled(model, batch: int, prompt: int, cache: HybridCache, device: torch.
     return logits[:, -1].argmax(-1, keepdim=True).repeat(batch, 1)
 
 
+def continuing(cache: HybridCache, token: torch.Tensor) -> torch.Tensor:
+    """generate()'s input_ids that continue `cache` with `token` [B,1]. generate() feeds only the columns
+    the cache has not seen, the new token; the others are ones, not the pad id 0, which generate() would
+    take for left padding."""
+    return torch.cat([token.new_ones(token.shape[0], cache.get_seq_length()), token], dim=1)
+
+
+def generate_ms(model, cache: HybridCache, token: torch.Tensor, new_tokens: int,
+                device: torch.device) -> tuple[float, torch.Tensor]:
+    """generate()'s host-clock ms per new token, continuing `cache` from `token`; and its last token [B,1]."""
+    ids = continuing(cache, token)
+    synchronize(device)
+    start = time.perf_counter()
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=0)
+    synchronize(device)
+    return round(1000 * (time.perf_counter() - start) / (out.shape[1] - ids.shape[1]), 3), out[:, -1:]
+
+
 def measure(model, batch: int, prompt: int, new_tokens: int, profile_steps: int, compile_mode: str,
             device: torch.device) -> dict[str, Any]:
     graphs = device.type == "cuda"
@@ -108,15 +127,7 @@ def measure(model, batch: int, prompt: int, new_tokens: int, profile_steps: int,
         result["replay_ms"] = round(wall_ms(captured.graph.replay, device, 50), 3)
         result["kernels"] = profiled(captured.graph.replay, profile_steps, device)
     result["forward_ms"] = round(wall_ms(step, device, 50), 3)
-    # generate() feeds only the columns the cache has not seen: here the one new token
-    # (ones, not the pad id 0: generate() would take zeros for left padding)
-    ids = torch.cat([token.new_ones(batch, cache.get_seq_length()), token], dim=1)
-    synchronize(device)
-    start = time.perf_counter()
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, pad_token_id=0)
-    synchronize(device)
-    result["generate_ms"] = round(1000 * (time.perf_counter() - start) / (out.shape[1] - ids.shape[1]), 3)
+    result["generate_ms"], _ = generate_ms(model, cache, token, new_tokens, device)
     result["cache_mib"] = round(cache.nbytes() / MIB, 1)
     eager = HybridCache(cuda_graph=False)
     token = prefilled(model, batch, prompt, eager, device)

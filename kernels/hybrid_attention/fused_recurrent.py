@@ -32,6 +32,7 @@ Math is fp32: elementwise, plus exact ("ieee") fp32 dots for the maps, so the ke
 PyTorch step and run under TRITON_INTERPRET=1 on CPU.
 Inputs may be fp32, fp16 or bf16; S, z, ring_fk and every sum stay fp32.
 """
+import functools
 from typing import NamedTuple
 
 import torch
@@ -248,10 +249,12 @@ class Launch(NamedTuple):
     num_warps: int
 
 
+@functools.lru_cache(maxsize=256)  # eager decoding asks every layer, every step, for the same few plans
 def launches(B: int, H: int, Hkv: int, D: int, F: int, R: int, window_size: int, kind: int, linear: bool,
              maps: bool, gamma: bool, value_tile: int = STATE_TILE, num_warps: int = STATE_WARPS) -> dict[str, Launch]:
     """The step's launches by name ("maps" with `maps`, "window", "state" with `linear`), in launch
-    order; `benchmarks/decode_registers.py` compiles the same ones for the register report."""
+    order; `benchmarks/decode_registers.py` compiles the same ones for the register report. Cached:
+    callers must not change what it returns."""
     BF = max(16, triton.next_power_of_2(max(F, 1)))
     BV = min(value_tile, max(16, TILE_VALUES // BF), max(16, triton.next_power_of_2(D)))
     sizes = dict(H=H, HKV=Hkv, D=D, F=F, R=R, W=window_size, KIND=kind, FSTRIDE=2 * F if maps else F, BF=BF)
