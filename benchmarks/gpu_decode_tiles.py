@@ -1,12 +1,15 @@
-"""The decode step's S tile and warp counts (`_state_kernel`), side by side, at batch 1 and in batch.
+"""The decode step's tile and warp counts (`_state_kernel`, `_window_kernel`), side by side, at batch 1 and in batch.
 
-Usage (repo root): python -m benchmarks.gpu_decode_tiles [--batches 1 64] [--tiles 32 64 128] [--warps 4 8 16]
+Usage (repo root): python -m benchmarks.gpu_decode_tiles [--batches 1 64] [--kernels state window]
+    [--tiles 32 64 128] [--warps 4 8 16] [--window-tiles 4 8 16] [--window-warps 4 8 16]
     [--window terrace] [--variants maps_in_kernel maps_given window_only] [--out DIR] [--smoke]
 One Llama-3-8B-shaped layer (H 32, Hkv 8, D 128, Hedgehog 64 -> F 128, window 64) after a 4K prompt,
 the Hedgehog maps applied by the step (`HedgehogMaps`), as a HybridCache decode step runs it. Per
-batch and (value tile BV, num_warps): the step replayed from a CUDA graph (device time, no launch
-overhead), ms, and its output's largest difference from the default configuration's (the same
-step from the same state: tiles change the order of fp32 sums only). `bytes_floor_ms` is the state
+batch, --kernels `state` (S columns per program --tiles x --warps) and `window` (head-dim columns per
+loop step --window-tiles x --warps of `_window_kernel`; tiles above its register budget are capped, and
+the row gives the tile it ran), the other kernel at its defaults: the step replayed from a CUDA graph
+(device time, no launch overhead), ms, and its output's largest difference from the default
+configuration's (the same step from the same state: tiles change the order of fp32 sums only). `bytes_floor_ms` is the state
 and ring bytes the step must read and write (`state_bytes`) over the copy bandwidth measured in the run.
 --variants times parts of the step, to place its time: `maps_in_kernel` (the step as HybridCache runs it),
 `maps_given` (fq, fk computed beforehand and read by the step: the Hedgehog maps' share) and
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 
 from kernels.hybrid_attention import RingState, fill_ring_state, ring_size
-from kernels.hybrid_attention.fused_recurrent import STATE_TILE, STATE_WARPS, HedgehogMaps, _decode_step_fwd
+from kernels.hybrid_attention.fused_recurrent import HedgehogMaps, StepTiles, _decode_step_fwd, launches
 from kernels.hybrid_attention.kernel_windows import kernel_code
 from pipeline.hybrid.feature_maps import PHI_EPS, HedgehogFeatureMap
 
@@ -83,7 +86,14 @@ def hedgehog(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return feature_map.grouped(x[:, :, None], fused=False)[:, :, 0]
 
 
-def sweep(shape: AttentionShape, batch: int, window: str, tiles: list[int], warps: list[int], dtype: torch.dtype,
+def configurations(kernel: str, tiles: list[int], warps: list[int]) -> list[StepTiles]:
+    """The swept kernel's (tile, warps) pairs, the other kernel at its defaults."""
+    if kernel == "state":
+        return [StepTiles(state_tile=tile, state_warps=warp) for tile in tiles for warp in warps]
+    return [StepTiles(window_tile=tile, window_warps=warp) for tile in tiles for warp in warps]
+
+
+def sweep(shape: AttentionShape, batch: int, window: str, kernel: str, configs: list[StepTiles], dtype: torch.dtype,
           device: torch.device, variant: str = "maps_in_kernel") -> list[dict[str, Any]]:
     if not triton_runs_on(device):
         return [{"batch": batch, "skipped": "the Triton kernel needs CUDA, or TRITON_INTERPRET=1 on the CPU"}]
@@ -91,30 +101,40 @@ def sweep(shape: AttentionShape, batch: int, window: str, tiles: list[int], warp
     args, maps = variant_inputs(variant, args, maps)
     kind, scale = kernel_code(window, "fused decode step"), shape.head_dim ** -0.5
 
-    def step(tile: int, warp: int):
+    def step(tiles: StepTiles):
         fresh = RingState(*(t.clone() for t in state.tensors()))
-        return _decode_step_fwd(fresh, *args, WINDOW_SIZE, kind, scale, maps, tile, warp)
+        return _decode_step_fwd(fresh, *args, WINDOW_SIZE, kind, scale, maps, tiles)
 
-    reference = step(STATE_TILE, STATE_WARPS).float()
+    def launch(tiles: StepTiles):
+        plan = launches(batch, shape.heads, shape.kv_heads, shape.head_dim, state.kv_state.shape[2],
+                        state.ring_k.shape[2], WINDOW_SIZE, kind, args[3] is not None or maps is not None,
+                        maps is not None, True, tiles)
+        return plan.get(kernel)
+
+    if launch(StepTiles()) is None:
+        return [{"variant": variant, "batch": batch, "kernel": kernel, "skipped": f"the {variant} step has no {kernel} kernel"}]
+    reference = step(StepTiles()).float()
     rows = []
-    for tile in tiles:
-        for warp in warps:
-            row: dict[str, Any] = {"variant": variant, "batch": batch, "value_tile": tile, "num_warps": warp,
-                                   "default": (tile, warp) == (STATE_TILE, STATE_WARPS)}
-            row["max_abs_diff"] = guarded(lambda: float((step(tile, warp).float() - reference).abs().max()), device)
-            work = RingState(*(t.clone() for t in state.tensors()))
-            row["ms"] = guarded(lambda: bench_graph_ms(
-                lambda: _decode_step_fwd(work, *args, WINDOW_SIZE, kind, scale, maps, tile, warp), device), device)
-            rows.append(row)
-            print(row, flush=True)
+    for tiles in configs:
+        row: dict[str, Any] = {"variant": variant, "batch": batch, "kernel": kernel, "tile": launch(tiles).constexprs["BV"],
+                               "num_warps": launch(tiles).num_warps, "default": tiles == StepTiles()}
+        row["max_abs_diff"] = guarded(lambda: float((step(tiles).float() - reference).abs().max()), device)
+        work = RingState(*(t.clone() for t in state.tensors()))
+        row["ms"] = guarded(lambda: bench_graph_ms(
+            lambda: _decode_step_fwd(work, *args, WINDOW_SIZE, kind, scale, maps, tiles), device), device)
+        rows.append(row)
+        print(row, flush=True)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    parser.add_argument("--tiles", type=int, nargs="+", default=[32, 64, 128])
-    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--kernels", nargs="+", default=["state", "window"], choices=["state", "window"])
+    parser.add_argument("--tiles", type=int, nargs="+", default=[32, 64, 128], help="state kernel: S columns")
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16], help="state kernel")
+    parser.add_argument("--window-tiles", type=int, nargs="+", default=[4, 8, 16], help="window kernel: D columns")
+    parser.add_argument("--window-warps", type=int, nargs="+", default=[4, 8, 16], help="window kernel")
     parser.add_argument("--window", default="terrace", choices=["sliding", "terrace"])
     parser.add_argument("--variants", nargs="+", default=["maps_in_kernel"], choices=VARIANTS)
     parser.add_argument("--out", help="results folder (default: benchmarks/<this GPU>, e.g. benchmarks/h200)")
@@ -124,22 +144,24 @@ def main() -> None:
     dtype = torch.float32 if args.smoke else torch.bfloat16
     shape = SMOKE_SHAPES["tiny"] if args.smoke else SHAPES["llama3-8b"]
     if args.smoke:
-        args.batches, args.tiles, args.warps = [1, 2], [16, 32], [4]
+        args.batches, args.tiles, args.warps, args.window_tiles, args.window_warps = [1, 2], [16, 32], [4], [4, 16], [4]
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_tb_s(device) if device.type == "cuda" else None
     result: dict[str, Any] = {"environment": environment(device), "shape": vars(shape), "window": args.window,
                               "window_size": WINDOW_SIZE, "dtype": str(dtype), "copy_bandwidth_tb_s": bandwidth,
-                              "defaults": {"value_tile": STATE_TILE, "num_warps": STATE_WARPS}, "batches": {}}
+                              "defaults": vars(StepTiles()), "batches": {}}
+    swept = {"state": configurations("state", args.tiles, args.warps),
+             "window": configurations("window", args.window_tiles, args.window_warps)}
     for batch in args.batches:
-        rows = [row for variant in args.variants
-                for row in sweep(shape, batch, args.window, args.tiles, args.warps, dtype, device, variant)]
+        rows = [row for variant in args.variants for kernel in args.kernels
+                for row in sweep(shape, batch, args.window, kernel, swept[kernel], dtype, device, variant)]
         state, _, _ = layer(shape, batch, args.window, dtype, device)
         floor = state_bytes(state, batch, shape, args.window) / (bandwidth * 1e12) * 1e3 if bandwidth else None
         result["batches"][str(batch)] = {"bytes_floor_ms": floor, "rows": rows}
         write_result(results_dir(args.out, device), "gpu_decode_tiles", result)
     print("wrote", write_result(results_dir(args.out, device), "gpu_decode_tiles", result))
     print(format_table([r for b in result["batches"].values() for r in b["rows"]],
-                       ["variant", "batch", "value_tile", "num_warps", "default", "ms", "max_abs_diff"]))
+                       ["variant", "batch", "kernel", "tile", "num_warps", "default", "ms", "max_abs_diff"]))
 
 
 if __name__ == "__main__":

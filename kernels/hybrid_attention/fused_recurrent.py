@@ -7,7 +7,7 @@ against): for every (row, query head),
   3. y = (gamma sum_win e^{s - m} v + fq S) / (gamma sum_win e^{s - m} + fq z).
 Three launches a layer (two when fq, fk come in computed), cut where the work changes shape:
   `_hedgehog_rows_kernel`  (head, 16 rows): phi_q, phi_k of the new token (with `hedgehog` only);
-  `_window_kernel`         (row, head): window scores and values, z, the denominator, the ring;
+  `_window_kernel`         (row, GQA group): window scores and values, z, the denominator, the ring;
   `_state_kernel`          (row, head, BV value columns): S advanced and read, y.
 One program per (row, head) for everything (the kernel before 2026-12-07) was latency-bound: 255
 registers a thread with spills, its window, maps and S phases one after the other, and every program
@@ -15,10 +15,11 @@ reading its head's map weights again (B times a step: at batch 64 on an H100, 57
 Here the maps read their weights once per 16 rows, and the S reads, the step's bulk, are spread over
 D/BV programs per head that each load their tile first, in 62 registers. Keys leaving the window go
 into S one outer product each: a dot over a terrace block held its operands' registers on every step.
-Program (b, h) of the window kernel owns z[b,h] and ring_fk[b,h]; ring_k/v rows are shared by the
-query heads of one GQA group (read in place, never repeated), and only the group's first head writes
-the new key and value. The ring has one slot more than the window ever holds, so that write never
-lands on a slot another program still reads, in this launch or in the state kernel after it.
+Program (b, g) of the window kernel owns z, ring_fk of the query heads of GQA group g in row b, and
+reads the group's ring keys and values once for all of them (one program per query head read them
+G times, in 32-byte pieces, and was latency-bound: 70 of the step's 130 us at batch 64 on an H100).
+The same program writes the new key and value: the ring has one slot more than the window ever holds,
+so that write never lands on a slot another program still reads, in this launch or the state kernel's.
 
 Every window kind the kernels implement is an interval ending at the query, starting at
 `kernel_windows.window_start(p)` (the kind's rule from the registry, by its code KIND), so the keys
@@ -33,6 +34,7 @@ PyTorch step and run under TRITON_INTERPRET=1 on CPU.
 Inputs may be fp32, fp16 or bf16; S, z, ring_fk and every sum stay fp32.
 """
 import functools
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -57,8 +59,9 @@ class HedgehogMaps(NamedTuple):
 STATE_TILE = 32  # S columns per `_state_kernel` program: 62 registers at 4 warps (64 columns: 94)
 STATE_WARPS = 4
 TILE_VALUES = 4096  # fp32 values in a state or map weight tile at most: fewer columns where F is larger
-WINDOW_TILE = 16  # head-dim columns per step of `_window_kernel`'s loops: 64 registers at 8 warps (32 at 4 warps: 240)
+WINDOW_TILE = 16  # head-dim columns per loop step of `_window_kernel`, at most
 WINDOW_WARPS = 8
+WINDOW_VALUES = 4096  # heads x window x columns products per loop step: 64 registers at 8 warps (GQA 4: 8 columns)
 MAP_ROWS = 16  # rows per `_hedgehog_rows_kernel` program: tl.dot's smallest M
 
 
@@ -108,90 +111,95 @@ def _window_kernel(
     scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, R: tl.constexpr,
     W: tl.constexpr, KIND: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr,
-    FSTRIDE: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
+    FSTRIDE: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, BG: tl.constexpr,
 ):
-    """Everything of the step but S, per (row, query head): the window's softmax weights, z advanced by
-    the keys leaving, the denominator den, and the new key/value in their ring slot. Writes out [D] =
-    (window part of y) / den (y itself without a linear branch) and query [F] = phi_q / den, which
-    `_state_kernel` finishes with S."""
+    """Everything of the step but S, per (row, GQA group): for each of the group's query heads the
+    window's softmax weights, z advanced by the keys leaving, the denominator den; and the new key/value
+    in their ring slot. Writes out [G,D] = (window part of y) / den (y itself without a linear branch)
+    and query [G,F] = phi_q / den, which `_state_kernel` finishes with S. The group's heads share the
+    ring's keys and values, so one program reads them once for all heads (products summed in fp32;
+    tl.dot would need 16 heads, and its fp32 form held 170-255 registers a thread)."""
+    G: tl.constexpr = H // HKV
     pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    hk = h // (H // HKV)
-    writes_kv = (h % (H // HKV)) == 0  # the GQA group's first head stores the new key/value
+    b = pid // HKV
+    hk = pid % HKV
+    offs_g = tl.arange(0, BG)
+    mask_g = offs_g < G
+    heads = b * H + hk * G + offs_g  # flat (row, query head) index of each head of the group
     p = tl.load(pos_ptr + b)
     slot_new = p % R
-    q_row = q_ptr + (b * H + h) * D
-    k_row = k_ptr + (b * HKV + hk) * D
-    v_row = v_ptr + (b * HKV + hk) * D
-    ring_k = ring_k_ptr + (b * HKV + hk) * R * D
-    ring_v = ring_v_ptr + (b * HKV + hk) * R * D
-    ring_fk = ring_fk_ptr + (b * H + h) * R * F
+    k_row = k_ptr + pid * D
+    v_row = v_ptr + pid * D
+    ring_k = ring_k_ptr + pid * R * D
+    ring_v = ring_v_ptr + pid * R * D
     offs_c = tl.arange(0, BC)
     offs_f = tl.arange(0, BF)
-    mask_f = offs_f < F
+    mask_gf = mask_g[:, None] & (offs_f < F)[None, :]
 
-    den = tl.zeros([], dtype=tl.float32)
+    den = tl.zeros([BG], dtype=tl.float32)
     moves = W == 0  # z changes: always for linear-only, else when keys leave the window
     if HAS_LINEAR:
-        fq = tl.load(fq_ptr + pid * FSTRIDE + offs_f, mask=mask_f, other=0.0).to(tl.float32)
-        fk_new = tl.load(fk_ptr + pid * FSTRIDE + offs_f, mask=mask_f, other=0.0).to(tl.float32)
-        z = tl.load(k_state_ptr + pid * F + offs_f, mask=mask_f, other=0.0)
+        fq = tl.load(fq_ptr + heads[:, None] * FSTRIDE + offs_f[None, :], mask=mask_gf, other=0.0).to(tl.float32)
+        fk_new = tl.load(fk_ptr + heads[:, None] * FSTRIDE + offs_f[None, :], mask=mask_gf, other=0.0).to(tl.float32)
+        z = tl.load(k_state_ptr + heads[:, None] * F + offs_f[None, :], mask=mask_gf, other=0.0)
     if W > 0:
         # window scores: the old keys still inside, positions start .. p-1 (at slots j % R), then the new key
         start = tl.maximum(window_start(p, W, KIND), 0)
         held = start + offs_c
         in_window = held < p
         slots = held % R
-        s = tl.zeros([BC], dtype=tl.float32)
-        s_new = tl.zeros([], dtype=tl.float32)
-        for d0 in tl.static_range(0, D, BV):
+        s = tl.zeros([BG, BC], dtype=tl.float32)
+        s_new = tl.zeros([BG], dtype=tl.float32)
+        for d0 in range(0, D, BV):
             offs_d = d0 + tl.arange(0, BV)
             mask_d = offs_d < D
-            q_d = tl.load(q_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            q_d = tl.load(q_ptr + heads[:, None] * D + offs_d[None, :], mask=mask_g[:, None] & mask_d[None, :],
+                          other=0.0).to(tl.float32)
             k_d = tl.load(k_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             k_old = tl.load(ring_k + slots[:, None] * D + offs_d[None, :],
                             mask=in_window[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-            s += tl.sum(k_old * q_d[None, :], axis=1)
-            s_new += tl.sum(k_d * q_d)
-        s = tl.where(in_window, s * scale, float("-inf"))
+            s += tl.sum(q_d[:, None, :] * k_old[None, :, :], axis=2)
+            s_new += tl.sum(q_d * k_d[None, :], axis=1)
+        s = tl.where(in_window[None, :], s * scale, float("-inf"))
         s_new = s_new * scale
-        m = tl.maximum(tl.max(s, axis=0), s_new)
-        g = 1.0
+        m = tl.maximum(tl.max(s, axis=1), s_new)
+        g = tl.full([BG], 1.0, dtype=tl.float32)
         if HAS_GAMMA:
-            g = tl.load(gamma_ptr + h).to(tl.float32)
-        a = tl.where(in_window, tl.exp(s - m), 0.0) * g  # [BC]
+            g = tl.load(gamma_ptr + hk * G + offs_g, mask=mask_g, other=1.0).to(tl.float32)
+        a = tl.where(in_window[None, :], tl.exp(s - m[:, None]), 0.0) * g[:, None]  # [BG,BC]
         a_new = tl.exp(s_new - m) * g
-        den += tl.sum(a, axis=0) + a_new
+        den += tl.sum(a, axis=1) + a_new
         leave_from = tl.maximum(window_start(p - 1, W, KIND), 0)  # positions leaving at this step
         leave_to = tl.where(p > 0, tl.maximum(window_start(p, W, KIND), 0), 0)
         moves = leave_to > leave_from
     if HAS_LINEAR:
+        ring_fk = ring_fk_ptr + heads[:, None] * R * F + offs_f[None, :]
         if W > 0:
             for j in range(leave_from, leave_to):
-                z += tl.load(ring_fk + (j % R) * F + offs_f, mask=mask_f, other=0.0)
-            tl.store(ring_fk + slot_new * F + offs_f, fk_new, mask=mask_f)
+                z += tl.load(ring_fk + (j % R) * F, mask=mask_gf, other=0.0)
+            tl.store(ring_fk + slot_new * F, fk_new, mask=mask_gf)
         else:  # linear-only: the new key is linear for its own query
             z += fk_new
-        tl.store(k_state_ptr + pid * F + offs_f, z, mask=mask_f & moves)
-        den += tl.sum(fq * z, axis=0)
-        tl.store(query_ptr + pid * F + offs_f, fq / den, mask=mask_f)
+        tl.store(k_state_ptr + heads[:, None] * F + offs_f[None, :], z, mask=mask_gf & moves)
+        den += tl.sum(fq * z, axis=1)
+        den = tl.where(mask_g, den, 1.0)  # padding heads: no 0/0
+        tl.store(query_ptr + heads[:, None] * F + offs_f[None, :], fq / den[:, None], mask=mask_gf)
     if W > 0:
-        for v0 in tl.static_range(0, D, BV):
+        for v0 in range(0, D, BV):
             offs_v = v0 + tl.arange(0, BV)
             mask_v = offs_v < D
             v_new = tl.load(v_row + offs_v, mask=mask_v, other=0.0).to(tl.float32)
             v_window = tl.load(ring_v + slots[:, None] * D + offs_v[None, :],
                                mask=in_window[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
-            y = (tl.sum(a[:, None] * v_window, axis=0) + a_new * v_new) / den
-            tl.store(out_ptr + pid * D + offs_v, y.to(out_ptr.dtype.element_ty), mask=mask_v)
-        # the new key and value into their slot, which no key of this step's window occupies
-        for d0 in tl.static_range(0, D, BV):
+            y = (tl.sum(a[:, :, None] * v_window[None, :, :], axis=1) + a_new[:, None] * v_new[None, :]) / den[:, None]
+            tl.store(out_ptr + heads[:, None] * D + offs_v[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=mask_g[:, None] & mask_v[None, :])
+            # the new key and value into their slot, which no key of this step's window occupies
+            tl.store(ring_v + slot_new * D + offs_v, v_new.to(ring_v_ptr.dtype.element_ty), mask=mask_v)
+        for d0 in range(0, D, BV):
             offs_d = d0 + tl.arange(0, BV)
-            mask_d = (offs_d < D) & writes_kv
+            mask_d = offs_d < D
             tl.store(ring_k + slot_new * D + offs_d, tl.load(k_row + offs_d, mask=mask_d).to(ring_k_ptr.dtype.element_ty),
-                     mask=mask_d)
-            tl.store(ring_v + slot_new * D + offs_d, tl.load(v_row + offs_d, mask=mask_d).to(ring_v_ptr.dtype.element_ty),
                      mask=mask_d)
 
 
@@ -241,6 +249,15 @@ def _state_kernel(
     tl.store(y_ptr + pid * D + offs_v, y.to(y_ptr.dtype.element_ty), mask=mask_v)
 
 
+@dataclass(frozen=True)
+class StepTiles:
+    """Tiles and warps of the step's kernels; `benchmarks/gpu_decode_tiles.py` sweeps them."""
+    state_tile: int = STATE_TILE  # S columns per `_state_kernel` program, at most
+    state_warps: int = STATE_WARPS
+    window_tile: int = WINDOW_TILE  # head-dim columns per loop step of `_window_kernel`, at most
+    window_warps: int = WINDOW_WARPS
+
+
 class Launch(NamedTuple):
     """One kernel launch of the step: the kernel, its grid, its compile-time arguments and warps."""
     kernel: triton.runtime.JITFunction
@@ -251,12 +268,15 @@ class Launch(NamedTuple):
 
 @functools.lru_cache(maxsize=256)  # eager decoding asks every layer, every step, for the same few plans
 def launches(B: int, H: int, Hkv: int, D: int, F: int, R: int, window_size: int, kind: int, linear: bool,
-             maps: bool, gamma: bool, value_tile: int = STATE_TILE, num_warps: int = STATE_WARPS) -> dict[str, Launch]:
+             maps: bool, gamma: bool, tiles: StepTiles = StepTiles()) -> dict[str, Launch]:
     """The step's launches by name ("maps" with `maps`, "window", "state" with `linear`), in launch
     order; `benchmarks/decode_registers.py` compiles the same ones for the register report. Cached:
     callers must not change what it returns."""
     BF = max(16, triton.next_power_of_2(max(F, 1)))
-    BV = min(value_tile, max(16, TILE_VALUES // BF), max(16, triton.next_power_of_2(D)))
+    BV = min(tiles.state_tile, max(16, TILE_VALUES // BF), max(16, triton.next_power_of_2(D)))
+    BG = triton.next_power_of_2(H // Hkv)
+    BC = max(16, triton.next_power_of_2(R - 1))
+    window_BV = min(tiles.window_tile, max(4, WINDOW_VALUES // (BG * BC)), triton.next_power_of_2(D))
     sizes = dict(H=H, HKV=Hkv, D=D, F=F, R=R, W=window_size, KIND=kind, FSTRIDE=2 * F if maps else F, BF=BF)
     plan = {}
     if maps:
@@ -264,22 +284,19 @@ def launches(B: int, H: int, Hkv: int, D: int, F: int, R: int, window_size: int,
         plan["maps"] = Launch(_hedgehog_rows_kernel, (H, triton.cdiv(B, MAP_ROWS)),
                               dict(H=H, HKV=Hkv, D=D, F=F, BB=MAP_ROWS, BH=BH, BV=max(16, min(32, TILE_VALUES // 2 // BH))),
                               4)
-    plan["window"] = Launch(_window_kernel, (B * H,), dict(sizes, HAS_LINEAR=linear, HAS_GAMMA=gamma,
-                                                           BC=max(16, triton.next_power_of_2(R - 1)), BV=WINDOW_TILE),
-                            WINDOW_WARPS)
+    plan["window"] = Launch(_window_kernel, (B * Hkv,), dict(sizes, HAS_LINEAR=linear, HAS_GAMMA=gamma, BC=BC,
+                                                             BV=window_BV, BG=BG), tiles.window_warps)
     if linear:
-        plan["state"] = Launch(_state_kernel, (B * H, triton.cdiv(D, BV)), dict(sizes, BV=BV), num_warps)
+        plan["state"] = Launch(_state_kernel, (B * H, triton.cdiv(D, BV)), dict(sizes, BV=BV), tiles.state_warps)
     return plan
 
 
 def _decode_step_fwd(state: RingState, q, k, v, fq, fk, gamma, window_size: int, kind: int,
-                     scale: float, hedgehog, value_tile: int = STATE_TILE,
-                     num_warps: int = STATE_WARPS) -> torch.Tensor:
+                     scale: float, hedgehog, tiles: StepTiles = StepTiles()) -> torch.Tensor:
     B, H, D = q.shape
     Hkv, R, F = k.shape[1], state.ring_k.shape[2], state.kv_state.shape[2]
     linear = fq is not None or hedgehog is not None
-    plan = launches(B, H, Hkv, D, F, R, window_size, kind, linear, hedgehog is not None, gamma is not None,
-                    value_tile, num_warps)
+    plan = launches(B, H, Hkv, D, F, R, window_size, kind, linear, hedgehog is not None, gamma is not None, tiles)
     y = torch.empty_like(q)
     dummy = q  # for tensors a mode never reads (they may be empty, and CUDA refuses null pointers)
     if hedgehog is not None:

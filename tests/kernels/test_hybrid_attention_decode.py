@@ -20,6 +20,7 @@ SHAPES = [
     pytest.param(1, 3, 1, 16, 12, 4, 10, 7, id="gqa3-w4-long-prompt"),
     pytest.param(1, 4, 1, 128, 128, 16, 33, 2, id="gqa4-d128-f128"),
     pytest.param(1, 2, 1, 64, 128, 8, 17, 2, id="d64-f128"),
+    pytest.param(3, 2, 2, 16, 8, 4, 9, 6, id="mha-b3"),  # one query head per group: a 16-row dot, 15 masked
     # head dims above 128: the step walks D in tiles of 32 (200: six and a masked one), unpadded; the
     # first step evicts a terrace block
     pytest.param(1, 4, 2, 256, 32, 16, 32, 2, id="gqa2-d256"),
