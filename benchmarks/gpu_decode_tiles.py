@@ -6,8 +6,8 @@ Usage (repo root): python -m benchmarks.gpu_decode_tiles [--batches 1 64] [--ker
 One Llama-3-8B-shaped layer (H 32, Hkv 8, D 128, Hedgehog 64 -> F 128, window 64) after a 4K prompt,
 the Hedgehog maps applied by the step (`HedgehogMaps`), as a HybridCache decode step runs it. Per
 batch, --kernels `state` (S columns per program --tiles x --warps) and `window` (head-dim columns per
-loop step --window-tiles x --warps of `_window_kernel`; tiles above its register budget are capped, and
-the row gives the tile it ran), the other kernel at its defaults: the step replayed from a CUDA graph
+loop step --window-tiles x --warps of `_window_kernel`, taken as given, while its default is capped by a
+register budget; the row gives the tile it ran), the other kernel at its defaults: the step replayed from a CUDA graph
 (device time, no launch overhead), ms, and its output's largest difference from the default
 configuration's (the same step from the same state: tiles change the order of fp32 sums only). `bytes_floor_ms` is the state
 and ring bytes the step must read and write (`state_bytes`) over the copy bandwidth measured in the run.
@@ -117,7 +117,7 @@ def sweep(shape: AttentionShape, batch: int, window: str, kernel: str, configs: 
     rows = []
     for tiles in configs:
         row: dict[str, Any] = {"variant": variant, "batch": batch, "kernel": kernel, "tile": launch(tiles).constexprs["BV"],
-                               "num_warps": launch(tiles).num_warps, "default": tiles == StepTiles()}
+                               "num_warps": launch(tiles).num_warps, "default": launch(tiles) == launch(StepTiles())}
         row["max_abs_diff"] = guarded(lambda: float((step(tiles).float() - reference).abs().max()), device)
         work = RingState(*(t.clone() for t in state.tensors()))
         row["ms"] = guarded(lambda: bench_graph_ms(

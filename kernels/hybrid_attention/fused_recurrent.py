@@ -59,7 +59,7 @@ class HedgehogMaps(NamedTuple):
 STATE_TILE = 32  # S columns per `_state_kernel` program: 62 registers at 4 warps (64 columns: 94)
 STATE_WARPS = 4
 TILE_VALUES = 4096  # fp32 values in a state or map weight tile at most: fewer columns where F is larger
-WINDOW_TILE = 16  # head-dim columns per loop step of `_window_kernel`, at most
+WINDOW_TILE = 16  # head-dim columns per loop step of `_window_kernel` by default, at most
 WINDOW_WARPS = 8
 WINDOW_VALUES = 4096  # heads x window x columns products per loop step: 64 registers at 8 warps (GQA 4: 8 columns)
 MAP_ROWS = 16  # rows per `_hedgehog_rows_kernel` program: tl.dot's smallest M
@@ -254,7 +254,8 @@ class StepTiles:
     """Tiles and warps of the step's kernels; `benchmarks/gpu_decode_tiles.py` sweeps them."""
     state_tile: int = STATE_TILE  # S columns per `_state_kernel` program, at most
     state_warps: int = STATE_WARPS
-    window_tile: int = WINDOW_TILE  # head-dim columns per loop step of `_window_kernel`, at most
+    # head-dim columns per loop step of `_window_kernel`; None: WINDOW_TILE capped by WINDOW_VALUES
+    window_tile: int | None = None
     window_warps: int = WINDOW_WARPS
 
 
@@ -276,7 +277,8 @@ def launches(B: int, H: int, Hkv: int, D: int, F: int, R: int, window_size: int,
     BV = min(tiles.state_tile, max(16, TILE_VALUES // BF), max(16, triton.next_power_of_2(D)))
     BG = triton.next_power_of_2(H // Hkv)
     BC = max(16, triton.next_power_of_2(R - 1))
-    window_BV = min(tiles.window_tile, max(4, WINDOW_VALUES // (BG * BC)), triton.next_power_of_2(D))
+    window_tile = tiles.window_tile or min(WINDOW_TILE, max(4, WINDOW_VALUES // (BG * BC)))
+    window_BV = min(window_tile, triton.next_power_of_2(D))
     sizes = dict(H=H, HKV=Hkv, D=D, F=F, R=R, W=window_size, KIND=kind, FSTRIDE=2 * F if maps else F, BF=BF)
     plan = {}
     if maps:
