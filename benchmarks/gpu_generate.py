@@ -116,7 +116,10 @@ def run(model, column: str, batch: int, prompt: int, new_tokens: int, device: to
               "ms_per_step": round(1000 * decode_s / generated, 3), "cache_mib": round(cache_bytes(cache) / MIB, 1),
               "tokens": out[:, ids.shape[1]:].cpu()}  # main() compares the columns' tokens, then drops them
     if column == "ours_graph":  # a capture that failed decodes eagerly: these say whether graphs ran at all
-        result.update(captures=cache.graphs.captures, replays=cache.graphs.replays, graph_failure=cache.graphs.failure)
+        graphs = cache.graphs
+        result.update(warm_ups=graphs.warm_ups, captures=graphs.captures, replays=graphs.replays,
+                      warm_up_s=round(graphs.warm_up_s, 4), capture_s=round(graphs.capture_s, 4),
+                      graph_failure=graphs.failure)
     if device.type == "cuda":
         decode_peak = torch.cuda.max_memory_allocated(device)
         result["peak_mib"] = round(max(after_prefill, decode_peak) / MIB, 1)

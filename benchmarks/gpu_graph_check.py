@@ -58,7 +58,8 @@ def cases(model, device: torch.device) -> dict[str, dict[str, Any]]:
             cache = HybridCache(cuda_graph=graph)
             outputs.append(model.generate(ids.to(device), past_key_values=cache, **kwargs))
         results[name] = {"equal": torch.equal(*outputs), "tokens": outputs[1].shape[1] - ids.shape[1],
-                         "captures": cache.graphs.captures, "replays": cache.graphs.replays,
+                         "warm_ups": cache.graphs.warm_ups, "captures": cache.graphs.captures,
+                         "replays": cache.graphs.replays,
                          "failure": cache.graphs.failure}
     # a returned cache continues: the second turn's several tokens prefill eagerly, then steps replay
     turns = []

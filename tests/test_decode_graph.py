@@ -118,6 +118,34 @@ def test_a_failed_capture_is_logged_with_its_cause_and_the_cache_decodes_eagerly
     assert [r.getMessage() for r in caplog.records] == [f"HybridCache(cuda_graph=True): {cache.graphs.failure}"]
 
 
+def test_a_model_is_warmed_up_once_per_batch_and_later_caches_capture_at_their_first_step(model, monkeypatch):
+    """The eager warm-up compiles kernels for the process: a second generate() at the same batch
+    captures at its first decode step, while a new batch size is warmed up first (capture faked to
+    fail, so that the steps run eagerly: no CUDA on the CPU)."""
+    steps = []
+
+    def warm_up(forward, cache, kwargs):
+        steps.append(("warm_up", kwargs["input_ids"].shape[0], cache.get_seq_length()))
+        return forward(**kwargs)
+
+    def capture(forward, cache, kwargs):
+        steps.append(("capture", kwargs["input_ids"].shape[0], cache.get_seq_length()))
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decode_graph, "_REPORTED", set())
+    monkeypatch.setattr(decode_graph, "_WARMED", decode_graph.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(decode_graph, "step_refusal", lambda cache, kwargs: None)
+    monkeypatch.setattr(decode_graph, "_warm_up", warm_up)
+    monkeypatch.setattr(decode_graph, "_capture", capture)
+    one, two = torch.tensor([[1, 403, 407, 261, 378]]), torch.tensor([[1, 403, 407, 261, 378]] * 2)
+    caches = [HybridCache(cuda_graph=True) for _ in range(3)]
+    for ids, cache in zip((one, one, two), caches):
+        model.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=cache)
+    assert steps == [("warm_up", 1, 5), ("capture", 1, 6), ("capture", 1, 5), ("warm_up", 2, 5), ("capture", 2, 6)]
+    assert [c.graphs.warm_ups for c in caches] == [1, 0, 1]
+    assert all(c.graphs.warm_up_s > 0 for c in (caches[0], caches[2])) and caches[1].graphs.warm_up_s == 0
+
+
 def test_a_capture_interrupted_mid_step_puts_the_host_side_counters_back(model, monkeypatch):
     """A capture stopped between a layer's update and its attend leaves the cache as before it."""
     cache = prefilled(model, torch.tensor([[1, 403, 407]]))

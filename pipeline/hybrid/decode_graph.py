@@ -10,9 +10,10 @@ every layer, final norm, lm_head) is captured once per cache and batch size and 
 which removes the host's kernel launches, the cost that dominates eager decoding.
 
 Order of a cache's decode steps: the first runs eagerly on a side stream (Triton compiles its
-kernels and cuBLAS creates its handles there, as capture requires); the second is captured and
-replayed; every later one copies its token ids and positions into the captured input buffers and
-replays. Python does not run during a replay, so what the step does on the host, the layers'
+kernels and cuBLAS creates its handles there, as capture requires), unless this process already
+warmed the same model up for the same batch, dtype and `compile` (a later generate() call); the
+next is captured and replayed; every later one copies its token ids and positions into the captured
+input buffers and replays. Python does not run during a replay, so what the step does on the host, the layers'
 `seen` counters, is advanced here. The prefill, and any call that is not a plain one-token step,
 runs eagerly. A state reallocated by beam search (`reorder_cache`) is recaptured.
 
@@ -30,6 +31,8 @@ is logged with its cause, and that cache decodes eagerly from then on; `failure`
 """
 import contextlib
 import logging
+import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 STEP_INPUTS = ("input_ids", "position_ids", "cache_position")
 GRAPH_SAFE = {"attention_mask", "past_key_values", "use_cache", "return_dict", "logits_to_keep"}
 _REPORTED: set[str] = set()  # one log line per reason and process
+# per model, the steps this process has run eagerly on a side stream: (batch, dtype, compile mode)
+_WARMED: "weakref.WeakKeyDictionary[torch.nn.Module, set[tuple]]" = weakref.WeakKeyDictionary()
 CPU_REFUSAL = "CUDA graphs need a CUDA device; decoding eagerly on the CPU"
 OFF_CUDA_REFUSAL = "the cache's state is not on a CUDA device; decoding eagerly"
 
@@ -132,16 +137,18 @@ class CapturedStep:
 
 @dataclass
 class DecodeGraphs:
-    """A HybridCache's captured steps, one per batch size (`warmed`: batch sizes whose eager warm-up ran),
-    and how many steps were captured and replayed."""
+    """A HybridCache's captured steps, one per batch size, and how many steps were warmed up, captured
+    and replayed, with the host seconds each took (the per-call cost a generate() pays before replays)."""
     compile: str = "off"  # one of COMPILE_MODES: which modules the captured step runs compiled
     # cuda_graph=True: every refusal is a warning. The default (on where the state is on CUDA) warns too,
     # except off CUDA, where eager decoding is simply the path
     explicit: bool = True
     captured: dict[int, CapturedStep] = field(default_factory=dict)
-    warmed: set[int] = field(default_factory=set)
+    warm_ups: int = 0
     captures: int = 0
     replays: int = 0
+    warm_up_s: float = 0.0
+    capture_s: float = 0.0
     failure: str | None = None  # why a capture failed: this cache then decodes eagerly (logged once)
 
     def __post_init__(self):
@@ -165,10 +172,16 @@ class DecodeGraphs:
             del self.captured[batch]  # its buffers are no longer the cache's: capture again
             step = None
         if step is None:
-            if batch not in self.warmed:
-                self.warmed.add(batch)
+            warmed = _WARMED.setdefault(model, set())
+            key = (batch, cache.layers[0].state.kv_state.dtype, self.compile)
+            if key not in warmed:
+                started = time.perf_counter()
                 with compiled(model, self.compile):
-                    return _warm_up(forward, cache, kwargs)
+                    out = _warm_up(forward, cache, kwargs)
+                warmed.add(key)
+                self.warm_ups, self.warm_up_s = self.warm_ups + 1, self.warm_up_s + time.perf_counter() - started
+                return out
+            started = time.perf_counter()
             try:
                 with compiled(model, self.compile):
                     step = self.captured[batch] = _capture(forward, cache, kwargs)
@@ -177,7 +190,7 @@ class DecodeGraphs:
                 self.failure = f"capturing the decode step failed ({type(e).__name__}: {e}); decoding eagerly"
                 self._report(self.failure, exc_info=True)
                 return forward(**kwargs)
-            self.captures += 1
+            self.captures, self.capture_s = self.captures + 1, self.capture_s + time.perf_counter() - started
         step.inputs.load(kwargs, cache.get_seq_length())
         step.graph.replay()
         self.replays += 1
