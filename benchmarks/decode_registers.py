@@ -1,8 +1,9 @@
 """Registers, spills and shared memory of the decode step's Triton kernels, compiled for a GPU without one.
 
-Usage (repo root): python -m benchmarks.decode_registers [--arch 90] [--batch 64] [--models llama3-8b ...] [--out DIR]
+Usage (repo root): python -m benchmarks.decode_registers [--arch 90] [--batches 1 64] [--models llama3-8b ...] [--out DIR]
 Compiles every launch of `fused_recurrent.launches` (the constexprs the step itself uses) for the
---arch target with Triton's own ptxas, per model shape and window kind, and reads the cubin's
+--arch target with Triton's own ptxas, per model shape, window kind and batch (the batch picks the
+window kernel's heads per program, `GROUP_PROGRAMS`), and reads the cubin's
 resource use with Triton's cuobjdump: registers a thread, stack (spilled) bytes, shared memory. No
 GPU and no device time: the register count bounds how many warps a multiprocessor keeps resident,
 which is what hides a memory-bound kernel's load latency, and a spill is local-memory traffic.
@@ -64,37 +65,45 @@ def resource_use(kernel, constexprs: dict, num_warps: int, arch: int) -> dict[st
     return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]), "shared_bytes": int(fields["SHARED"])}
 
 
-def report(arch: int, batch: int, models: list[str]) -> list[dict[str, Any]]:
-    rows = []
+def report(arch: int, batches: list[int], models: list[str]) -> list[dict[str, Any]]:
+    rows, compiled = [], {}
     for model in models:
         H, Hkv, D, F = SHAPES[model]
-        for label, (window, window_size, linear) in MODES.items():
-            plan = launches(batch, H, Hkv, D, F, ring_size(window_size, window), window_size,
-                            kernel_code(window, "fused decode step"), linear=linear, maps=linear, gamma=window_size > 0)
-            for name, launch in plan.items():
-                if name == "maps" and label != "terrace":
-                    continue  # the maps kernel does not depend on the window
-                row = {"model": model, "mode": label, "kernel": name, "num_warps": launch.num_warps,
-                       "grid": list(launch.grid), **resource_use(launch.kernel, launch.constexprs, launch.num_warps, arch)}
-                rows.append(row)
-                print(row, flush=True)
+        for batch in batches:
+            for label, (window, window_size, linear) in MODES.items():
+                plan = launches(batch, H, Hkv, D, F, ring_size(window_size, window), window_size,
+                                kernel_code(window, "fused decode step"), linear=linear, maps=linear,
+                                gamma=window_size > 0)
+                for name, launch in plan.items():
+                    if name == "maps" and label != "terrace":
+                        continue  # the maps kernel does not depend on the window
+                    key = (launch.kernel, tuple(sorted(launch.constexprs.items())), launch.num_warps)
+                    if key not in compiled:  # only the grid changed with the batch
+                        compiled[key] = resource_use(launch.kernel, launch.constexprs, launch.num_warps, arch)
+                    row = {"model": model, "batch": batch, "mode": label, "kernel": name,
+                           "heads": launch.constexprs.get("HP"), "num_warps": launch.num_warps,
+                           "grid": list(launch.grid), **compiled[key]}
+                    rows.append(row)
+                    print(row, flush=True)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
-    parser.add_argument("--batch", type=int, default=64, help="rows (only the grids depend on it)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64],
+                        help="rows (the grids and the window kernel's heads per program depend on it)")
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--out", help="results folder (default: benchmarks/cpu: no GPU ran)")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("TRITON_INTERPRET is set: the kernels are then Python functions, which cannot be compiled; "
                      "run with TRITON_INTERPRET=0")
-    rows = report(args.arch, args.batch, args.models)
-    result = {"arch": args.arch, "triton": triton.__version__, "batch": args.batch, "rows": rows}
+    rows = report(args.arch, args.batches, args.models)
+    result = {"arch": args.arch, "triton": triton.__version__, "batches": args.batches, "rows": rows}
     print("wrote", write_result(Path(args.out or Path(__file__).parent / "cpu"), "decode_registers", result))
-    print(format_table(rows, ["model", "mode", "kernel", "num_warps", "registers", "stack_bytes", "shared_bytes"]))
+    print(format_table(rows, ["model", "batch", "mode", "kernel", "heads", "num_warps", "registers", "stack_bytes",
+                              "shared_bytes"]))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ def test_the_decode_kernels_compile_for_hopper_without_spilling(tmp_path):
     rows = json.loads((tmp_path / "decode_registers.json").read_text())["rows"]
     assert {(row["mode"], row["kernel"]) for row in rows} >= {("terrace", "maps"), ("terrace", "window"),
                                                              ("terrace", "state"), ("window_only", "window")}
+    assert {row["heads"] for row in rows if row["kernel"] == "window"} == {1, 4}  # batch 1 and batch 64
     for row in rows:
         assert row["stack_bytes"] == 0, row
         if row["kernel"] != "maps":

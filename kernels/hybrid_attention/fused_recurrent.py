@@ -54,14 +54,21 @@ class HedgehogMaps(NamedTuple):
 
 
 # Tiles and warps of the staged kernels, from the compiler's register report for sm_90 at the Llama-3-8B
-# shape (terrace window of 64): each stays under ~100 registers a thread with no spill, so 16-32 warps fit
+# shape (terrace window of 64): each stays at most 128 registers a thread with no spill, so 16 warps or more fit
 # on a multiprocessor to hide the loads' latency (one kernel for the whole step took 255 and spilled)
 STATE_TILE = 32  # S columns per `_state_kernel` program: 62 registers at 4 warps (64 columns: 94)
 STATE_WARPS = 4
 TILE_VALUES = 4096  # fp32 values in a state or map weight tile at most: fewer columns where F is larger
-WINDOW_TILE = 16  # head-dim columns per loop step of `_window_kernel` by default, at most
-WINDOW_WARPS = 8
-WINDOW_VALUES = 4096  # heads x window x columns products per loop step: 64 registers at 8 warps (GQA 4: 8 columns)
+WINDOW_TILE = 8  # head-dim columns per loop step of `_window_kernel` by default, at most: one head a
+# program (batch 1) takes ~8 registers a column (16: 136 a thread, 32: 242 and spills)
+WINDOW_WARPS = 4
+WINDOW_VALUES = 4096  # heads x window x columns products per loop step: a group of 8 heads gets 4 columns
+# `_window_kernel` takes a whole GQA group per program (its keys and values read once) where the batch
+# gives at least this many (row, group) programs, about one per multiprocessor of an H100/H200 (132);
+# below it one head per program, so that batch 1 (8 groups at Llama-3-8B) does not leave most idle.
+# H100, Llama-3-8B layer, window part alone: a group per program 42 us at batch 64 and 19 us at batch 1,
+# one head per program (the kernel before) 66 and 9 us (benchmarks/h100/generate/2026-12-07c)
+GROUP_PROGRAMS = 128
 MAP_ROWS = 16  # rows per `_hedgehog_rows_kernel` program: tl.dot's smallest M
 
 
@@ -111,27 +118,33 @@ def _window_kernel(
     scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, R: tl.constexpr,
     W: tl.constexpr, KIND: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr,
-    FSTRIDE: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, BG: tl.constexpr,
+    FSTRIDE: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, HP: tl.constexpr,
+    BG: tl.constexpr,
 ):
-    """Everything of the step but S, per (row, GQA group): for each of the group's query heads the
-    window's softmax weights, z advanced by the keys leaving, the denominator den; and the new key/value
-    in their ring slot. Writes out [G,D] = (window part of y) / den (y itself without a linear branch)
-    and query [G,F] = phi_q / den, which `_state_kernel` finishes with S. The group's heads share the
-    ring's keys and values, so one program reads them once for all heads (products summed in fp32;
-    tl.dot would need 16 heads, and its fp32 form held 170-255 registers a thread)."""
+    """Everything of the step but S, per (row, HP query heads of one GQA group): for each head the
+    window's softmax weights, z advanced by the keys leaving, the denominator den; and, by the group's
+    first program, the new key/value in their ring slot. Writes out [HP,D] = (window part of y) / den (y
+    itself without a linear branch) and query [HP,F] = phi_q / den, which `_state_kernel` finishes with
+    S. The program's heads share the ring's keys and values, so it reads them once for all of them
+    (products summed in fp32; tl.dot would need 16 heads, and its fp32 form held 170-255 registers a
+    thread). HP = G: the whole group; HP = 1: one head, for batches too small to fill the GPU."""
     G: tl.constexpr = H // HKV
+    PARTS: tl.constexpr = (G + HP - 1) // HP  # programs per group
     pid = tl.program_id(0)
-    b = pid // HKV
-    hk = pid % HKV
-    offs_g = tl.arange(0, BG)
-    mask_g = offs_g < G
-    heads = b * H + hk * G + offs_g  # flat (row, query head) index of each head of the group
+    group = pid // PARTS  # flat (row, kv head) index
+    part = pid % PARTS
+    b = group // HKV
+    hk = group % HKV
+    offs_g = part * HP + tl.arange(0, BG)  # the program's heads within the group
+    mask_g = (tl.arange(0, BG) < HP) & (offs_g < G)
+    heads = b * H + hk * G + offs_g  # flat (row, query head) index of each head
     p = tl.load(pos_ptr + b)
     slot_new = p % R
-    k_row = k_ptr + pid * D
-    v_row = v_ptr + pid * D
-    ring_k = ring_k_ptr + pid * R * D
-    ring_v = ring_v_ptr + pid * R * D
+    writes_ring = part == 0
+    k_row = k_ptr + group * D
+    v_row = v_ptr + group * D
+    ring_k = ring_k_ptr + group * R * D
+    ring_v = ring_v_ptr + group * R * D
     offs_c = tl.arange(0, BC)
     offs_f = tl.arange(0, BF)
     mask_gf = mask_g[:, None] & (offs_f < F)[None, :]
@@ -195,12 +208,12 @@ def _window_kernel(
             tl.store(out_ptr + heads[:, None] * D + offs_v[None, :], y.to(out_ptr.dtype.element_ty),
                      mask=mask_g[:, None] & mask_v[None, :])
             # the new key and value into their slot, which no key of this step's window occupies
-            tl.store(ring_v + slot_new * D + offs_v, v_new.to(ring_v_ptr.dtype.element_ty), mask=mask_v)
+            tl.store(ring_v + slot_new * D + offs_v, v_new.to(ring_v_ptr.dtype.element_ty), mask=mask_v & writes_ring)
         for d0 in range(0, D, BV):
             offs_d = d0 + tl.arange(0, BV)
             mask_d = offs_d < D
             tl.store(ring_k + slot_new * D + offs_d, tl.load(k_row + offs_d, mask=mask_d).to(ring_k_ptr.dtype.element_ty),
-                     mask=mask_d)
+                     mask=mask_d & writes_ring)
 
 
 @triton.jit
@@ -257,6 +270,8 @@ class StepTiles:
     # head-dim columns per loop step of `_window_kernel`; None: WINDOW_TILE capped by WINDOW_VALUES
     window_tile: int | None = None
     window_warps: int = WINDOW_WARPS
+    # query heads per `_window_kernel` program, at most the group; None: by GROUP_PROGRAMS
+    window_heads: int | None = None
 
 
 class Launch(NamedTuple):
@@ -275,7 +290,9 @@ def launches(B: int, H: int, Hkv: int, D: int, F: int, R: int, window_size: int,
     callers must not change what it returns."""
     BF = max(16, triton.next_power_of_2(max(F, 1)))
     BV = min(tiles.state_tile, max(16, TILE_VALUES // BF), max(16, triton.next_power_of_2(D)))
-    BG = triton.next_power_of_2(H // Hkv)
+    G = H // Hkv
+    HP = min(tiles.window_heads or (G if B * Hkv >= GROUP_PROGRAMS else 1), G)
+    BG = triton.next_power_of_2(HP)
     BC = max(16, triton.next_power_of_2(R - 1))
     window_tile = tiles.window_tile or min(WINDOW_TILE, max(4, WINDOW_VALUES // (BG * BC)))
     window_BV = min(window_tile, triton.next_power_of_2(D))
@@ -286,8 +303,9 @@ def launches(B: int, H: int, Hkv: int, D: int, F: int, R: int, window_size: int,
         plan["maps"] = Launch(_hedgehog_rows_kernel, (H, triton.cdiv(B, MAP_ROWS)),
                               dict(H=H, HKV=Hkv, D=D, F=F, BB=MAP_ROWS, BH=BH, BV=max(16, min(32, TILE_VALUES // 2 // BH))),
                               4)
-    plan["window"] = Launch(_window_kernel, (B * Hkv,), dict(sizes, HAS_LINEAR=linear, HAS_GAMMA=gamma, BC=BC,
-                                                             BV=window_BV, BG=BG), tiles.window_warps)
+    plan["window"] = Launch(_window_kernel, (B * Hkv * triton.cdiv(G, HP),),
+                            dict(sizes, HAS_LINEAR=linear, HAS_GAMMA=gamma, BC=BC, BV=window_BV, HP=HP, BG=BG),
+                            tiles.window_warps)
     if linear:
         plan["state"] = Launch(_state_kernel, (B * H, triton.cdiv(D, BV)), dict(sizes, BV=BV), tiles.state_warps)
     return plan

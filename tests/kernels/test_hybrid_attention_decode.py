@@ -10,7 +10,8 @@ import torch
 
 from kernels.hybrid_attention import (WINDOW_KINDS, RingState, fill_ring_state, fused_recurrent_hybrid_attention,
                                       hybrid_attention_recurrent, hybrid_attention_ring_step, ring_size)
-from kernels.hybrid_attention.fused_recurrent import HedgehogMaps
+from kernels.hybrid_attention.fused_recurrent import HedgehogMaps, StepTiles, _decode_step_fwd, launches
+from kernels.hybrid_attention.kernel_windows import kernel_code
 from kernels.testing import TOLERANCE, assert_close
 from pipeline.hybrid.feature_maps import PHI_EPS, HedgehogFeatureMap
 
@@ -97,6 +98,42 @@ def test_fused_kernel_matches_the_torch_step(B, H, Hkv, D, F, w, prompt, steps, 
     for name in ("kv_state", "k_state", "ring_k", "ring_v", "ring_fk"):
         assert_close(name, getattr(reference, name), getattr(fused, name))
     assert torch.equal(reference.positions, fused.positions)
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("heads", [1, 2, 3, 4])
+@pytest.mark.parametrize("H,Hkv", [(6, 2), (8, 2)], ids=["gqa3", "gqa4"])
+def test_window_kernel_takes_any_number_of_a_groups_heads_per_program(H, Hkv, heads, mode, window):
+    """The batch picks heads per program (GROUP_PROGRAMS): one head, a whole group, or a part of one
+    (gqa3 with 2: a masked head in the second program); only the group's first program writes the ring."""
+    B, D, F, w, prompt, steps = 2, 16, 8, 4, 6, 5
+    window_size = 0 if mode == "linear_only" else w
+    tiles = StepTiles(window_heads=heads)
+    q, k, v, fq, fk, gamma = make_inputs(B, H, Hkv, prompt + steps, D, F, mode)
+    reference = prefilled(q, k, v, fq, fk, window_size, window, prompt)
+    fused = RingState(*(t.clone() for t in reference.tensors()))
+    kind, scale = kernel_code(window, "fused decode step"), D ** -0.5
+    for t in range(prompt, prompt + steps):
+        args = tuple(None if x is None else x.contiguous() for x in (at(q, t), at(k, t), at(v, t), at(fq, t), at(fk, t)))
+        expected = hybrid_attention_ring_step(reference, *args, gamma, window_size, window)
+        got = _decode_step_fwd(fused, *args, gamma, window_size, kind, scale, None, tiles)
+        assert_close(f"y at {t}", expected, got)
+        fused.positions += 1
+    for name in ("kv_state", "k_state", "ring_k", "ring_v", "ring_fk"):
+        assert_close(name, getattr(reference, name), getattr(fused, name))
+    plan = launches(B, H, Hkv, D, F, fused.ring_k.shape[2], window_size, kind, mode != "window_only", False,
+                    gamma is not None, tiles)
+    per_program = min(heads, H // Hkv)
+    assert plan["window"].constexprs["HP"] == per_program
+    assert plan["window"].grid == (B * Hkv * -(-(H // Hkv) // per_program),)
+
+
+def test_the_batch_picks_a_group_or_one_head_per_window_program():
+    """Llama-3-8B's layer: 8 groups of 4 heads; 16 rows make 128 group programs, enough for the GPU."""
+    def heads(batch):
+        return launches(batch, 32, 8, 128, 128, 128, 64, 1, True, True, True)["window"].constexprs["HP"]
+    assert [heads(b) for b in (1, 8, 15, 16, 64)] == [1, 1, 1, 4, 4]
 
 
 @pytest.mark.parametrize("window", WINDOWS)
