@@ -61,7 +61,9 @@ def test_the_decode_kernels_compile_for_hopper_without_spilling(tmp_path):
     """The decode step's kernels compiled for sm_90 by Triton's own ptxas (no GPU needed): a kernel that
     fails to compile for the GPU, or spills, or takes so many registers that few warps stay resident,
     fails here instead of on a lent GPU. The window and state kernels carry the step's memory traffic;
-    128 registers a thread still leaves 16 warps a multiprocessor."""
+    128 registers a thread still leaves 16 warps a multiprocessor. A window kernel with one head a
+    program runs only where the grid has fewer (row, group) programs than GROUP_PROGRAMS, too few for
+    registers to limit residency, so only its spills count."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     done = subprocess.run([sys.executable, "-m", "benchmarks.decode_registers", "--models", "llama3-8b", "--out",
                            str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -72,5 +74,5 @@ def test_the_decode_kernels_compile_for_hopper_without_spilling(tmp_path):
     assert {row["heads"] for row in rows if row["kernel"] == "window"} == {1, 4}  # batch 1 and batch 64
     for row in rows:
         assert row["stack_bytes"] == 0, row
-        if row["kernel"] != "maps":
+        if row["kernel"] == "state" or (row["kernel"] == "window" and row["heads"] > 1):
             assert row["registers"] <= 128, row

@@ -59,16 +59,18 @@ class HedgehogMaps(NamedTuple):
 STATE_TILE = 32  # S columns per `_state_kernel` program: 62 registers at 4 warps (64 columns: 94)
 STATE_WARPS = 4
 TILE_VALUES = 4096  # fp32 values in a state or map weight tile at most: fewer columns where F is larger
-WINDOW_TILE = 8  # head-dim columns per loop step of `_window_kernel` by default, at most: one head a
-# program (batch 1) takes ~8 registers a column (16: 136 a thread, 32: 242 and spills)
+# head-dim columns per loop step of `_window_kernel` by default: with one head a program (136 registers
+# a thread at Llama-3-8B's terrace window), and at most with a group (GQA 4: 125; GQA 2 at 16: 143)
+WINDOW_TILE = 16
+GROUP_TILE = 8
 WINDOW_WARPS = 4
-WINDOW_VALUES = 4096  # heads x window x columns products per loop step: a group of 8 heads gets 4 columns
+WINDOW_VALUES = 4096  # heads x window x columns products per loop step at most: a group of 8 heads gets 4 columns
 # `_window_kernel` takes a whole GQA group per program (its keys and values read once) where the batch
-# gives at least this many (row, group) programs, about one per multiprocessor of an H100/H200 (132);
-# below it one head per program, so that batch 1 (8 groups at Llama-3-8B) does not leave most idle.
-# H100, Llama-3-8B layer, window part alone: a group per program 42 us at batch 64 and 19 us at batch 1,
-# one head per program (the kernel before) 66 and 9 us (benchmarks/h100/generate/2026-12-07c)
-GROUP_PROGRAMS = 128
+# gives at least this many (row, group) programs, and one head per program below it, where the grid
+# would leave most of the GPU's multiprocessors (132 on an H100/H200) idle and registers do not limit
+# residency. H100, Llama-3-8B layer step, us: batch 1 (8 groups) one head 18 vs a group 25; batch 16
+# (128) 41 vs 48; batch 64 (512) 119 vs 104 (benchmarks/h100/generate/2026-12-07c)
+GROUP_PROGRAMS = 256
 MAP_ROWS = 16  # rows per `_hedgehog_rows_kernel` program: tl.dot's smallest M
 
 
@@ -267,7 +269,7 @@ class StepTiles:
     """Tiles and warps of the step's kernels; `benchmarks/gpu_decode_tiles.py` sweeps them."""
     state_tile: int = STATE_TILE  # S columns per `_state_kernel` program, at most
     state_warps: int = STATE_WARPS
-    # head-dim columns per loop step of `_window_kernel`; None: WINDOW_TILE capped by WINDOW_VALUES
+    # head-dim columns per loop step of `_window_kernel`; None: WINDOW_TILE, or GROUP_TILE capped by WINDOW_VALUES
     window_tile: int | None = None
     window_warps: int = WINDOW_WARPS
     # query heads per `_window_kernel` program, at most the group; None: by GROUP_PROGRAMS
@@ -294,7 +296,7 @@ def launches(B: int, H: int, Hkv: int, D: int, F: int, R: int, window_size: int,
     HP = min(tiles.window_heads or (G if B * Hkv >= GROUP_PROGRAMS else 1), G)
     BG = triton.next_power_of_2(HP)
     BC = max(16, triton.next_power_of_2(R - 1))
-    window_tile = tiles.window_tile or min(WINDOW_TILE, max(4, WINDOW_VALUES // (BG * BC)))
+    window_tile = tiles.window_tile or (WINDOW_TILE if HP == 1 else min(GROUP_TILE, max(4, WINDOW_VALUES // (BG * BC))))
     window_BV = min(window_tile, triton.next_power_of_2(D))
     sizes = dict(H=H, HKV=Hkv, D=D, F=F, R=R, W=window_size, KIND=kind, FSTRIDE=2 * F if maps else F, BF=BF)
     plan = {}
