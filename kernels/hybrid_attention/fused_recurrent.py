@@ -7,7 +7,8 @@ against): for every (row, query head),
   3. y = (gamma sum_win e^{s - m} v + fq S) / (gamma sum_win e^{s - m} + fq z).
 Three launches a layer (two when fq, fk come in computed), cut where the work changes shape:
   `_hedgehog_rows_kernel`  (head, 16 rows): phi_q, phi_k of the new token (with `hedgehog` only);
-  `_window_kernel`         (row, GQA group): window scores and values, z, the denominator, the ring;
+  `_window_kernel`         (row, HP query heads of a GQA group): window scores and values, z, the
+                           denominator, the ring;
   `_state_kernel`          (row, head, BV value columns): S advanced and read, y.
 One program per (row, head) for everything (the kernel before 2026-12-07) was latency-bound: 255
 registers a thread with spills, its window, maps and S phases one after the other, and every program
@@ -15,11 +16,13 @@ reading its head's map weights again (B times a step: at batch 64 on an H100, 57
 Here the maps read their weights once per 16 rows, and the S reads, the step's bulk, are spread over
 D/BV programs per head that each load their tile first, in 62 registers. Keys leaving the window go
 into S one outer product each: a dot over a terrace block held its operands' registers on every step.
-Program (b, g) of the window kernel owns z, ring_fk of the query heads of GQA group g in row b, and
-reads the group's ring keys and values once for all of them (one program per query head read them
-G times, in 32-byte pieces, and was latency-bound: 70 of the step's 130 us at batch 64 on an H100).
-The same program writes the new key and value: the ring has one slot more than the window ever holds,
-so that write never lands on a slot another program still reads, in this launch or the state kernel's.
+A window program owns z, ring_fk of its HP query heads of one GQA group in row b, and reads the
+group's ring keys and values once for all of them. In batch, HP is the whole group (one program per
+query head read the keys G times and took 66 of the step's 135 us at batch 64 on an H100; a group
+per program, 42 of 104); where the (row, group) programs are too few to fill the GPU, batch 1 above
+all, HP is 1 (a group per program: 29 us a layer at batch 1, one head: 18). The group's first
+program writes the new key and value: the ring has one slot more than the window ever holds, so that
+write never lands on a slot another program still reads, in this launch or the state kernel's.
 
 Every window kind the kernels implement is an interval ending at the query, starting at
 `kernel_windows.window_start(p)` (the kind's rule from the registry, by its code KIND), so the keys
