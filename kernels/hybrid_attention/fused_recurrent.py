@@ -20,7 +20,7 @@ A window program owns z, ring_fk of its HP query heads of one GQA group in row b
 group's ring keys and values once for all of them. In batch, HP is the whole group (one program per
 query head read the keys G times and took 66 of the step's 135 us at batch 64 on an H100; a group
 per program, 42 of 104); where the (row, group) programs are too few to fill the GPU, batch 1 above
-all, HP is 1 (a group per program: 29 us a layer at batch 1, one head: 18). The group's first
+all, HP is 1 (a group per program: 30 us a layer at batch 1, one head: 18). The group's first
 program writes the new key and value: the ring has one slot more than the window ever holds, so that
 write never lands on a slot another program still reads, in this launch or the state kernel's.
 
@@ -57,21 +57,20 @@ class HedgehogMaps(NamedTuple):
 
 
 # Tiles and warps of the staged kernels, from the compiler's register report for sm_90 at the Llama-3-8B
-# shape (terrace window of 64): each stays at most 128 registers a thread with no spill, so 16 warps or more fit
-# on a multiprocessor to hide the loads' latency (one kernel for the whole step took 255 and spilled)
+# shape (terrace window of 64): none spills, and each in batch stays at most 128 registers a thread, so 16
+# warps or more fit on a multiprocessor to hide the loads' latency (one kernel for the whole step took 255
+# and spilled); a one-head window program, run only on grids too small for residency to matter, takes 136
 STATE_TILE = 32  # S columns per `_state_kernel` program: 62 registers at 4 warps (64 columns: 94)
 STATE_WARPS = 4
 TILE_VALUES = 4096  # fp32 values in a state or map weight tile at most: fewer columns where F is larger
-# head-dim columns per loop step of `_window_kernel` by default: with one head a program (136 registers
-# a thread at Llama-3-8B's terrace window), and at most with a group (GQA 4: 125; GQA 2 at 16: 143)
-WINDOW_TILE = 16
-GROUP_TILE = 8
+WINDOW_TILE = 16  # head-dim columns per loop step of `_window_kernel` with one head a program
+GROUP_TILE = 8  # the same with a group, at most: 125 registers at GQA 4 (GQA 2 at 16 columns: 143)
 WINDOW_WARPS = 4
 WINDOW_VALUES = 4096  # heads x window x columns products per loop step at most: a group of 8 heads gets 4 columns
 # `_window_kernel` takes a whole GQA group per program (its keys and values read once) where the batch
 # gives at least this many (row, group) programs, and one head per program below it, where the grid
 # would leave most of the GPU's multiprocessors (132 on an H100/H200) idle and registers do not limit
-# residency. H100, Llama-3-8B layer step, us: batch 1 (8 groups) one head 18 vs a group 25; batch 16
+# residency. H100, Llama-3-8B layer step, us: batch 1 (8 groups) one head 18 vs a group 30; batch 16
 # (128) 41 vs 48; batch 64 (512) 119 vs 104 (benchmarks/h100/generate/2026-12-07c)
 GROUP_PROGRAMS = 256
 MAP_ROWS = 16  # rows per `_hedgehog_rows_kernel` program: tl.dot's smallest M

@@ -11,7 +11,7 @@ which removes the host's kernel launches, the cost that dominates eager decoding
 
 Order of a cache's decode steps: the first runs eagerly on a side stream (Triton compiles its
 kernels and cuBLAS creates its handles there, as capture requires), unless this process already
-warmed the same model up for the same batch, dtype and `compile` (a later generate() call); the
+warmed the same model up for the same batch, dtype, device and `compile` (a later generate() call); the
 next is captured and replayed; every later one copies its token ids and positions into the captured
 input buffers and replays. Python does not run during a replay, so what the step does on the host, the layers'
 `seen` counters, is advanced here. The prefill, and any call that is not a plain one-token step,
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 STEP_INPUTS = ("input_ids", "position_ids", "cache_position")
 GRAPH_SAFE = {"attention_mask", "past_key_values", "use_cache", "return_dict", "logits_to_keep"}
 _REPORTED: set[str] = set()  # one log line per reason and process
-# per model, the steps this process has run eagerly on a side stream: (batch, dtype, compile mode)
+# per model, the steps this process has run eagerly on a side stream: (batch, dtype, device, compile mode)
 _WARMED: "weakref.WeakKeyDictionary[torch.nn.Module, set[tuple]]" = weakref.WeakKeyDictionary()
 CPU_REFUSAL = "CUDA graphs need a CUDA device; decoding eagerly on the CPU"
 OFF_CUDA_REFUSAL = "the cache's state is not on a CUDA device; decoding eagerly"
@@ -173,7 +173,8 @@ class DecodeGraphs:
             step = None
         if step is None:
             warmed = _WARMED.setdefault(model, set())
-            key = (batch, cache.layers[0].state.kv_state.dtype, self.compile)
+            ring = cache.layers[0].state.ring_k  # in the model's dtype (S is always fp32)
+            key = (batch, ring.dtype, ring.device, self.compile)
             if key not in warmed:
                 started = time.perf_counter()
                 with compiled(model, self.compile):
