@@ -8,7 +8,7 @@ import torch
 
 from pipeline.hybrid import HybridCache
 from pipeline.hybrid import decode_graph
-from pipeline.hybrid.decode_graph import StaticInputs, is_one_token_step, state_addresses, step_refusal
+from pipeline.hybrid.decode_graph import StaticInputs, is_one_token_step, step_refusal
 from tests.test_generation import swapped_stories
 
 
@@ -34,6 +34,10 @@ def test_on_the_cpu_the_graph_path_is_off_with_its_reason_and_tokens_are_the_eag
             assert torch.equal(graphed, eager)
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["HybridCache(cuda_graph=True): CUDA graphs need a CUDA device; decoding eagerly on the CPU"]
+
+
+def state_addresses(cache) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for layer in cache.layers for t in layer.state.tensors())
 
 
 def test_a_decode_step_updates_every_state_buffer_in_place(model):
@@ -91,6 +95,10 @@ def test_each_refusal_names_why(model, monkeypatch):
         "the step asks for ['output_hidden_states'], which a captured step does not return; decoding eagerly")
     assert step_refusal(cache, {"input_ids": ids[:, :1], "attention_mask": torch.ones(1, 1, 1, 4)}) == (
         "a custom (non 2-D) attention mask; decoding eagerly")
+    assert step_refusal(cache, {"input_ids": ids[:, :1], "logits_to_keep": 1}) == step_refusal(cache, {}) == (
+        "the cache's state is not on a CUDA device; decoding eagerly")  # a count: any keeps the one row
+    assert step_refusal(cache, {"input_ids": ids[:, :1], "logits_to_keep": torch.tensor([0])}) == (
+        "logits_to_keep is not a count of positions (indices, or negative); decoding eagerly")
 
 
 def test_a_failed_capture_is_logged_with_its_cause_and_the_cache_decodes_eagerly(model, monkeypatch, caplog):
@@ -144,6 +152,64 @@ def test_a_model_is_warmed_up_once_per_batch_and_later_caches_capture_at_their_f
     assert steps == [("warm_up", 1, 5), ("capture", 1, 6), ("capture", 1, 5), ("warm_up", 2, 5), ("capture", 2, 6)]
     assert [c.graphs.warm_ups for c in caches] == [1, 0, 1]
     assert all(c.graphs.warm_up_s > 0 for c in (caches[0], caches[2])) and caches[1].graphs.warm_up_s == 0
+
+
+class EagerGraph:
+    """Stands in for a CUDA graph on the CPU: `replay` runs the recorded step eagerly from its input
+    buffers into its logits buffer, and puts back the host counters the step advanced (a replay runs no
+    Python: DecodeGraphs.step advances them)."""
+
+    def __init__(self, forward, cache, kwargs: dict):
+        self.forward, self.cache = forward, cache
+        self.inputs = StaticInputs.like(kwargs)
+        self.logits = torch.zeros(kwargs["input_ids"].shape[0], 1, cache_vocab(forward))
+
+    def replay(self) -> None:
+        seen = [layer.seen for layer in self.cache.layers]
+        with torch.no_grad():
+            self.logits.copy_(self.forward(**decode_graph._graph_kwargs(self.inputs, self.cache)).logits)
+        for layer, count in zip(self.cache.layers, seen):
+            layer.seen = count
+
+
+def cache_vocab(forward) -> int:
+    return forward.__self__.config.vocab_size
+
+
+def test_one_captured_step_serves_plain_calls_and_generate_and_a_reallocated_state_captures_again(model,
+                                                                                                 monkeypatch):
+    """DecodeGraphs.step's bookkeeping around replays, with `EagerGraph` for the graph: a plain call (no
+    logits_to_keep) and generate()'s steps (logits_to_keep=1) replay one captured step; beam search,
+    which reallocates the state at each step, captures again; the tokens are the eager ones."""
+    captures = []
+
+    def capture(forward, cache, kwargs):
+        captures.append(cache.get_seq_length())
+        graph = EagerGraph(forward, cache, kwargs)
+        return decode_graph.CapturedStep(graph, graph.inputs, graph.logits, decode_graph.states_of(cache))
+
+    monkeypatch.setattr(decode_graph, "_WARMED", decode_graph.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(decode_graph, "step_refusal", lambda cache, kwargs: None)
+    monkeypatch.setattr(decode_graph, "_warm_up", lambda forward, cache, kwargs: forward(**kwargs))
+    monkeypatch.setattr(decode_graph, "_capture", capture)
+    ids = torch.tensor([[1, 403, 407, 261, 378, 426, 281, 352, 275, 270, 431]])
+    caches = {"eager": HybridCache(cuda_graph=False), "graph": HybridCache(cuda_graph=True)}
+    tokens = {}
+    for name, cache in caches.items():
+        prefilled(model, ids, cache)
+        with torch.no_grad():  # plain calls: the warm-up, then the capture
+            steps = [model(input_ids=torch.tensor([[300 + t]]), past_key_values=cache, use_cache=True).logits
+                     for t in range(2)]
+        start = torch.cat([ids, torch.tensor([[300, 301, 302]])], dim=1)  # generate() feeds the new 302 only
+        tokens[name] = (steps, model.generate(start, past_key_values=cache, max_new_tokens=12, do_sample=False))
+    torch.testing.assert_close(tokens["graph"][0], tokens["eager"][0])
+    assert torch.equal(tokens["graph"][1], tokens["eager"][1])
+    graphs = caches["graph"].graphs
+    assert captures == [ids.shape[1] + 1] and (graphs.warm_ups, graphs.captures, graphs.replays) == (1, 1, 1 + 12)
+    captures.clear()
+    beams = [model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, past_key_values=HybridCache(cuda_graph=graph))
+             for graph in (False, True)]
+    assert torch.equal(*beams) and len(captures) > 1
 
 
 def test_a_capture_interrupted_mid_step_puts_the_host_side_counters_back(model, monkeypatch):

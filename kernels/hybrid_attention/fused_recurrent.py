@@ -395,5 +395,5 @@ def fused_recurrent_hybrid_attention(
     if hedgehog is not None:
         hedgehog = HedgehogMaps(hedgehog.weight_q.contiguous(), hedgehog.weight_k.contiguous(), hedgehog.eps)
     y = _decode_step_fwd(state, *contiguous, window_size, kind, scale, hedgehog)
-    state.positions += 1
+    state.positions.add_(1)
     return y

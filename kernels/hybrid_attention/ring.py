@@ -32,7 +32,7 @@ def ring_size(window_size: int, window: str) -> int:
     return (window_kind(window).capacity(window_size) if window_size > 0 else 0) + 1
 
 
-@dataclass
+@dataclass(frozen=True)  # updated in place only: a CUDA graph keeps reading its tensors (decode_graph.py)
 class RingState:
     kv_state: torch.Tensor  # S [B,H,F,D] fp32
     k_state: torch.Tensor  # z [B,H,F] fp32
@@ -139,8 +139,8 @@ def hybrid_attention_ring_step(
         if linear and len(slots):
             fk_out = state.ring_fk[:, :, slots] * leaving[:, None, slots, None]  # [B,H,n,F]
             v_out = repeat_kv(state.ring_v[:, :, slots], H).float()  # [B,H,n,D]
-            state.kv_state += torch.einsum("bhnf,bhnd->bhfd", fk_out, v_out)
-            state.k_state += fk_out.sum(dim=2)
+            state.kv_state.add_(torch.einsum("bhnf,bhnd->bhfd", fk_out, v_out))
+            state.k_state.add_(fk_out.sum(dim=2))
         state.ring_k[rows, :, p % R] = k.to(state.ring_k.dtype)
         state.ring_v[rows, :, p % R] = v.to(state.ring_v.dtype)
         if linear:
@@ -155,10 +155,10 @@ def hybrid_attention_ring_step(
         num = num + torch.einsum("bhr,bhrd->bhd", a, repeat_kv(state.ring_v, H).float())
         den = den + a.sum(-1, keepdim=True)
     elif linear:  # linear-only: the new key is linear for its own query
-        state.kv_state += torch.einsum("bhf,bhd->bhfd", fk.float(), repeat_kv(v[:, :, None], H)[:, :, 0].float())
-        state.k_state += fk.float()
+        state.kv_state.add_(torch.einsum("bhf,bhd->bhfd", fk.float(), repeat_kv(v[:, :, None], H)[:, :, 0].float()))
+        state.k_state.add_(fk.float())
     if linear:
         num = num + torch.einsum("bhf,bhfd->bhd", fq.float(), state.kv_state)
         den = den + torch.einsum("bhf,bhf->bh", fq.float(), state.k_state)[..., None]
-    state.positions += 1
+    state.positions.add_(1)
     return (num / den).to(q.dtype)

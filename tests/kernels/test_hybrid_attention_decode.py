@@ -119,7 +119,7 @@ def test_window_kernel_takes_any_number_of_a_groups_heads_per_program(H, Hkv, he
         expected = hybrid_attention_ring_step(reference, *args, gamma, window_size, window)
         got = _decode_step_fwd(fused, *args, gamma, window_size, kind, scale, None, tiles)
         assert_close(f"y at {t}", expected, got)
-        fused.positions += 1
+        fused.positions.add_(1)
     for name in ("kv_state", "k_state", "ring_k", "ring_v", "ring_fk"):
         assert_close(name, getattr(reference, name), getattr(fused, name))
     plan = launches(B, H, Hkv, D, F, fused.ring_k.shape[2], window_size, kind, mode != "window_only", False,
