@@ -6,7 +6,8 @@ The model of `gpu_generate` (Llama 3 8B config, random bf16 weights, default `at
 --compile mode (`HybridCache(cuda_graph=True, compile=...)`) and batch, after a prefill of --prompt tokens:
   replay_ms    the captured step's graph alone, replayed back to back: the device's time for a step
   forward_ms   one model(...) call of a one-token step: our host logic (DecodeGraphs.step) + the replay
-  generate_ms  generate() per new token: transformers' loop (logits processing, stopping checks) on top
+  generate_ms  generate() per new token: transformers' loop (logits processing, stopping checks) on top,
+               after a short generate() call has paid its once-a-process costs
   kernels      torch.profiler over --profile-steps replays: per kernel, launches and microseconds per
                step, each kernel filed as matmul (cuBLAS/cutlass), ours (our Triton kernels) or other;
                `kernel_us_per_step` against replay_ms says how much of a step is gaps between kernels
@@ -127,6 +128,7 @@ def measure(model, batch: int, prompt: int, new_tokens: int, profile_steps: int,
         result["replay_ms"] = round(wall_ms(captured.graph.replay, device, 50), 3)
         result["kernels"] = profiled(captured.graph.replay, profile_steps, device)
     result["forward_ms"] = round(wall_ms(step, device, 50), 3)
+    _, token = generate_ms(model, cache, token, 2, device)  # generate()'s first call sets up what later ones reuse
     result["generate_ms"], _ = generate_ms(model, cache, token, new_tokens, device)
     result["cache_mib"] = round(cache.nbytes() / MIB, 1)
     eager = HybridCache(cuda_graph=False)
