@@ -73,7 +73,7 @@ def report(arch: int, batches: list[int], models: list[str]) -> list[dict[str, A
             for label, (window, window_size, linear) in MODES.items():
                 plan = launches(batch, H, Hkv, D, F, ring_size(window_size, window), window_size,
                                 kernel_code(window, "fused decode step"), linear=linear, maps=linear,
-                                gamma=window_size > 0)
+                                gamma=window_size > 0, gamma_logits=window_size > 0)  # as HybridCache runs it
                 for name, launch in plan.items():
                     if name == "maps" and label != "terrace":
                         continue  # the maps kernel does not depend on the window

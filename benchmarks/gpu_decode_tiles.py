@@ -69,10 +69,11 @@ VARIANTS = ("maps_in_kernel", "maps_given", "window_only")
 
 
 def variant_inputs(variant: str, args: tuple, maps: HedgehogMaps) -> tuple[tuple, HedgehogMaps | None]:
-    """The kernel's (q, k, v, fq, fk, gamma) and hedgehog arguments for one variant of the step."""
+    """The kernel's (q, k, v, fq, fk, gamma) and hedgehog arguments for one variant of the step;
+    maps_in_kernel's gamma is the window factors (logits), whose sigmoid the kernel takes."""
     q, k, v, _, _, gamma = args
     if variant == "maps_in_kernel":
-        return args, maps
+        return (q, k, v, None, None, torch.logit(gamma)), maps
     if variant == "window_only":
         return args, None
     fq, fk = (hedgehog(w, x) for w, x in ((maps.weight_q, q), (maps.weight_k, k)))
@@ -103,16 +104,17 @@ def sweep(shape: AttentionShape, batch: int, window: str, kernel: str, configs: 
         return [{"batch": batch, "skipped": "the Triton kernel needs CUDA, or TRITON_INTERPRET=1 on the CPU"}]
     state, args, maps = layer(shape, batch, window, dtype, device)
     args, maps = variant_inputs(variant, args, maps)
+    logits = variant == "maps_in_kernel"
     kind, scale = kernel_code(window, "fused decode step"), shape.head_dim ** -0.5
 
     def step(tiles: StepTiles):
         fresh = RingState(*(t.clone() for t in state.tensors()))
-        return _decode_step_fwd(fresh, *args, WINDOW_SIZE, kind, scale, maps, tiles)
+        return _decode_step_fwd(fresh, *args, WINDOW_SIZE, kind, scale, maps, tiles, logits)
 
     def launch(tiles: StepTiles):
         plan = launches(batch, shape.heads, shape.kv_heads, shape.head_dim, state.kv_state.shape[2],
                         state.ring_k.shape[2], WINDOW_SIZE, kind, args[3] is not None or maps is not None,
-                        maps is not None, True, tiles)
+                        maps is not None, True, tiles, logits)
         return plan.get(kernel)
 
     if launch(StepTiles()) is None:
@@ -127,7 +129,7 @@ def sweep(shape: AttentionShape, batch: int, window: str, kernel: str, configs: 
         row["max_abs_diff"] = guarded(lambda: float((step(tiles).float() - reference).abs().max()), device)
         work = RingState(*(t.clone() for t in state.tensors()))
         row["ms"] = guarded(lambda: bench_graph_ms(
-            lambda: _decode_step_fwd(work, *args, WINDOW_SIZE, kind, scale, maps, tiles), device), device)
+            lambda: _decode_step_fwd(work, *args, WINDOW_SIZE, kind, scale, maps, tiles, logits), device), device)
         rows.append(row)
         print(row, flush=True)
     return rows

@@ -122,8 +122,8 @@ def _window_kernel(
     scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, R: tl.constexpr,
     W: tl.constexpr, KIND: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr,
-    FSTRIDE: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, HP: tl.constexpr,
-    BG: tl.constexpr,
+    GAMMA_LOGITS: tl.constexpr, FSTRIDE: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
+    HP: tl.constexpr, BG: tl.constexpr,
 ):
     """Everything of the step but S, per (row, HP query heads of one GQA group): for each head the
     window's softmax weights, z advanced by the keys leaving, the denominator den; and, by the group's
@@ -183,6 +183,8 @@ def _window_kernel(
         g = tl.full([BG], 1.0, dtype=tl.float32)
         if HAS_GAMMA:
             g = tl.load(gamma_ptr + hk * G + offs_g, mask=mask_g, other=1.0).to(tl.float32)
+            if GAMMA_LOGITS:  # the mix's parameters: gamma = sigmoid, here rather than a launch of its own
+                g = tl.sigmoid(g)
         a = tl.where(in_window[None, :], tl.exp(s - m[:, None]), 0.0) * g[:, None]  # [BG,BC]
         a_new = tl.exp(s_new - m) * g
         den += tl.sum(a, axis=1) + a_new
@@ -288,10 +290,11 @@ class Launch(NamedTuple):
 
 @functools.lru_cache(maxsize=256)  # eager decoding asks every layer, every step, for the same few plans
 def launches(B: int, H: int, Hkv: int, D: int, F: int, R: int, window_size: int, kind: int, linear: bool,
-             maps: bool, gamma: bool, tiles: StepTiles = StepTiles()) -> dict[str, Launch]:
+             maps: bool, gamma: bool, tiles: StepTiles = StepTiles(), gamma_logits: bool = False
+             ) -> dict[str, Launch]:
     """The step's launches by name ("maps" with `maps`, "window", "state" with `linear`), in launch
     order; `benchmarks/decode_registers.py` compiles the same ones for the register report. Cached:
-    callers must not change what it returns."""
+    callers must not change what it returns. `gamma_logits`: gamma comes as the mix's logits."""
     BF = max(16, triton.next_power_of_2(max(F, 1)))
     BV = min(tiles.state_tile, max(16, TILE_VALUES // BF), max(16, triton.next_power_of_2(D)))
     G = H // Hkv
@@ -308,7 +311,7 @@ def launches(B: int, H: int, Hkv: int, D: int, F: int, R: int, window_size: int,
                               dict(H=H, HKV=Hkv, D=D, F=F, BB=MAP_ROWS, BH=BH, BV=max(16, min(32, TILE_VALUES // 2 // BH))),
                               4)
     plan["window"] = Launch(_window_kernel, (B * Hkv * triton.cdiv(G, HP),),
-                            dict(sizes, HAS_LINEAR=linear, HAS_GAMMA=gamma, BC=BC, BV=window_BV, HP=HP, BG=BG),
+                            dict(sizes, HAS_LINEAR=linear, HAS_GAMMA=gamma, GAMMA_LOGITS=gamma_logits, BC=BC, BV=window_BV, HP=HP, BG=BG),
                             tiles.window_warps)
     if linear:
         plan["state"] = Launch(_state_kernel, (B * H, triton.cdiv(D, BV)), dict(sizes, BV=BV), tiles.state_warps)
@@ -316,11 +319,13 @@ def launches(B: int, H: int, Hkv: int, D: int, F: int, R: int, window_size: int,
 
 
 def _decode_step_fwd(state: RingState, q, k, v, fq, fk, gamma, window_size: int, kind: int,
-                     scale: float, hedgehog, tiles: StepTiles = StepTiles()) -> torch.Tensor:
+                     scale: float, hedgehog, tiles: StepTiles = StepTiles(), gamma_logits: bool = False
+                     ) -> torch.Tensor:
     B, H, D = q.shape
     Hkv, R, F = k.shape[1], state.ring_k.shape[2], state.kv_state.shape[2]
     linear = fq is not None or hedgehog is not None
-    plan = launches(B, H, Hkv, D, F, R, window_size, kind, linear, hedgehog is not None, gamma is not None, tiles)
+    plan = launches(B, H, Hkv, D, F, R, window_size, kind, linear, hedgehog is not None, gamma is not None, tiles,
+                    gamma_logits)
     y = torch.empty_like(q)
     dummy = q  # for tensors a mode never reads (they may be empty, and CUDA refuses null pointers)
     if hedgehog is not None:
@@ -385,15 +390,21 @@ def fused_recurrent_hybrid_attention(
     window: str = "sliding",
     scale: float | None = None,
     hedgehog: HedgehogMaps | None = None,  # instead of fq, fk (which are then None)
+    window_factors: torch.Tensor | None = None,  # [H] instead of gamma (then None): gamma = sigmoid(these)
 ) -> torch.Tensor:  # y [B,H,D] in q's dtype; `state` (S, z, rings, positions) advanced in place
     """Decode one token per row in two Triton launches (three with `hedgehog`); the arguments of
     `hybrid_attention_ring_step`, or with `hedgehog` instead of fq, fk: the Hedgehog feature maps
-    computed by the step itself."""
+    computed by the step itself, and with `window_factors` instead of gamma: the mix's parameters,
+    whose sigmoid the step takes itself (a model's decode step would otherwise launch one per layer)."""
+    if gamma is not None and window_factors is not None:
+        raise ValueError("give gamma or window_factors (its logits), not both")
+    logits = window_factors is not None
+    gamma = window_factors if logits else gamma
     kind = _check_step_inputs(state, q, k, v, fq, fk, gamma, window, hedgehog)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     contiguous = [t.contiguous() if t is not None else None for t in (q, k, v, fq, fk, gamma)]
     if hedgehog is not None:
         hedgehog = HedgehogMaps(hedgehog.weight_q.contiguous(), hedgehog.weight_k.contiguous(), hedgehog.eps)
-    y = _decode_step_fwd(state, *contiguous, window_size, kind, scale, hedgehog)
+    y = _decode_step_fwd(state, *contiguous, window_size, kind, scale, hedgehog, gamma_logits=logits)
     state.positions.add_(1)
     return y

@@ -117,7 +117,12 @@ class HybridAttention(nn.Module):
                              self.config.window, q.device, q.dtype)
 
     def gamma(self) -> torch.Tensor | None:
-        return torch.sigmoid(self.window_factors.float()) if hasattr(self, "window_factors") else None
+        factors = self.factors()
+        return None if factors is None else torch.sigmoid(factors.float())
+
+    def factors(self) -> torch.Tensor | None:
+        """The window factors w_h [H] (gamma = sigmoid(w)); None where the layer has no window mix (gamma 1)."""
+        return getattr(self, "window_factors", None)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """q [B,H,T,D], k, v [B,Hkv,T,D] -> y [B,H,T,D].

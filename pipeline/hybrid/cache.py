@@ -133,9 +133,10 @@ class HybridCacheLayer(CacheLayerMixin):
         config = hybrid.config
         backend = resolve_backend(config.backend, q.device, DECODE_BACKENDS)
         maps = hybrid.decode_maps(backend, q)
-        if maps is not None:  # the fused step applies the feature maps itself (no PyTorch ops for them)
-            y = fused_recurrent_hybrid_attention(self.state, q, k, v, None, None, hybrid.gamma(),
-                                                 config.effective_window_size, config.window, scale, hedgehog=maps)
+        if maps is not None:  # the fused step applies the feature maps and the mix's sigmoid itself
+            y = fused_recurrent_hybrid_attention(self.state, q, k, v, None, None, None, config.effective_window_size,
+                                                 config.window, scale, hedgehog=maps,
+                                                 window_factors=hybrid.factors())
         else:
             fq, fk = hybrid.features(q[:, :, None], k[:, :, None], backend)  # [B,H,1,F] each, or None
             y = hybrid_attention_decode(

@@ -160,8 +160,9 @@ HEDGEHOG_SHAPES = [pytest.param(4, 2, 16, 8, 4, id="gqa2-d16"), pytest.param(2, 
 @pytest.mark.parametrize("mode", ["hybrid", "linear_only"])
 @pytest.mark.parametrize("H,Hkv,D,half,w", HEDGEHOG_SHAPES)
 def test_fused_kernel_applies_the_hedgehog_map_itself(H, Hkv, D, half, w, mode, window):
-    """Given the maps' weights instead of fq, fk, the kernel computes phi_q(q) and phi_k(k) itself: the
-    same outputs and states as the PyTorch step given HedgehogFeatureMap's outputs."""
+    """Given the maps' weights instead of fq, fk, and the window factors instead of gamma (a HybridCache
+    step on CUDA), the kernel computes phi_q(q), phi_k(k) and gamma = sigmoid(factors) itself: the same
+    outputs and states as the PyTorch step given HedgehogFeatureMap's outputs and the sigmoid."""
     B, prompt, steps = 2, 2 * w + 1, 2 * w + 2  # the steps cross a terrace block boundary
     window_size = 0 if mode == "linear_only" else w
     q, k, v, _, _, gamma = make_inputs(B, H, Hkv, prompt + steps, D, 2 * half, mode)
@@ -171,11 +172,12 @@ def test_fused_kernel_applies_the_hedgehog_map_itself(H, Hkv, D, half, w, mode, 
     reference = prefilled(q, k, v, fq, fk, window_size, window, prompt)
     fused = RingState(*(t.clone() for t in reference.tensors()))
     maps = HedgehogMaps(map_q.weight.detach(), map_k.weight.detach(), PHI_EPS)
+    factors = None if gamma is None else torch.logit(gamma)
     for t in range(prompt, prompt + steps):
         y_ref = hybrid_attention_ring_step(reference, at(q, t), at(k, t), at(v, t), at(fq, t), at(fk, t), gamma,
                                            window_size, window)
-        y_fused = fused_recurrent_hybrid_attention(fused, at(q, t), at(k, t), at(v, t), None, None, gamma, window_size,
-                                                   window, hedgehog=maps)
+        y_fused = fused_recurrent_hybrid_attention(fused, at(q, t), at(k, t), at(v, t), None, None, None, window_size,
+                                                   window, hedgehog=maps, window_factors=factors)
         assert_close(f"y at {t}", y_ref, y_fused)
     for name in ("kv_state", "k_state", "ring_fk"):
         assert_close(name, getattr(reference, name), getattr(fused, name))
@@ -225,6 +227,9 @@ def test_fused_kernel_refuses_maps_it_cannot_apply():
     maps = HedgehogMaps(torch.randn(2, 8, 2), torch.randn(2, 8, 2), PHI_EPS)
     with pytest.raises(ValueError, match="not both"):
         fused_recurrent_hybrid_attention(state, at(q, 0), at(k, 0), at(v, 0), at(fq, 0), at(fk, 0), gamma, 4, hedgehog=maps)
+    with pytest.raises(ValueError, match="gamma or window_factors"):
+        fused_recurrent_hybrid_attention(state, at(q, 0), at(k, 0), at(v, 0), None, None, gamma, 4, hedgehog=maps,
+                                         window_factors=torch.logit(gamma))
     with pytest.raises(ValueError, match=r"each \[H,D,F/2\]=\[2,8,2\]; got \[\(2, 8, 3\)"):
         fused_recurrent_hybrid_attention(state, at(q, 0), at(k, 0), at(v, 0), None, None, gamma, 4,
                                          hedgehog=HedgehogMaps(torch.randn(2, 8, 3), maps.weight_k, PHI_EPS))
