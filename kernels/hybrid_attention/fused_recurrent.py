@@ -116,14 +116,57 @@ def _hedgehog_rows_kernel(
 
 
 @triton.jit
+def _hedgehog_halves(u, first, mask, eps):
+    """[softmax(u), softmax(-u)] clamped at eps, from u [BG,BF] whose columns hold each half's u side by
+    side (`first`: the columns of the first half; `mask`: the real (head, column) pairs, others 0)."""
+    x = tl.where(mask, tl.where(first, u, -u), float("-inf"))
+    m = tl.where(first, tl.max(tl.where(first, x, float("-inf")), axis=1)[:, None],
+                 tl.max(tl.where(first, float("-inf"), x), axis=1)[:, None])
+    e = tl.where(mask, tl.exp(x - m), 0.0)
+    total = tl.where(first, tl.sum(tl.where(first, e, 0.0), axis=1)[:, None],
+                     tl.sum(tl.where(first, 0.0, e), axis=1)[:, None])
+    return tl.where(mask, tl.maximum(e / total, eps), 0.0)
+
+
+@triton.jit
+def _hedgehog_of_heads(q_ptr, k_row, wq_ptr, wk_ptr, eps, heads, head, mask_g,
+                       D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BG: tl.constexpr):
+    """phi_q, phi_k [BG,BF] of the new token for a window program's heads (`heads` flat (row, head),
+    `head` the head index of each): what `_hedgehog_rows_kernel` computes, where the step's maps run
+    in the window kernel (`StepTiles.maps_in_window`). Each W_h [D,F/2] is read twice side by side,
+    once per half of phi, so that phi comes out in the state's column order."""
+    half: tl.constexpr = F // 2
+    offs_f = tl.arange(0, BF)
+    first = (offs_f < half)[None, :]
+    columns = tl.where(offs_f < half, offs_f, offs_f - half)
+    mask_f = offs_f < F
+    u_q = tl.zeros([BG, BF], dtype=tl.float32)
+    u_k = tl.zeros([BG, BF], dtype=tl.float32)
+    for d0 in range(0, D, BV):
+        offs_d = d0 + tl.arange(0, BV)
+        mask_d = offs_d < D
+        x_q = tl.load(q_ptr + heads[:, None] * D + offs_d[None, :], mask=mask_g[:, None] & mask_d[None, :],
+                      other=0.0).to(tl.float32)  # [BG,BV]
+        x_k = tl.load(k_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # [BV]: the group's key
+        w_offsets = (head[:, None, None] * D + offs_d[None, :, None]) * half + columns[None, None, :]
+        w_mask = mask_g[:, None, None] & mask_d[None, :, None] & mask_f[None, None, :]
+        w_q = tl.load(wq_ptr + w_offsets, mask=w_mask, other=0.0).to(tl.float32)  # [BG,BV,BF]
+        w_k = tl.load(wk_ptr + w_offsets, mask=w_mask, other=0.0).to(tl.float32)
+        u_q += tl.sum(x_q[:, :, None] * w_q, axis=1)
+        u_k += tl.sum(x_k[None, :, None] * w_k, axis=1)
+    mask = mask_g[:, None] & mask_f[None, :]
+    return _hedgehog_halves(u_q, first, mask, eps), _hedgehog_halves(u_k, first, mask, eps)
+
+
+@triton.jit
 def _window_kernel(
-    q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gamma_ptr, pos_ptr,
+    q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, wq_ptr, wk_ptr, gamma_ptr, pos_ptr,
     k_state_ptr, ring_k_ptr, ring_v_ptr, ring_fk_ptr, out_ptr, query_ptr,
-    scale,
+    scale, eps,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, R: tl.constexpr,
     W: tl.constexpr, KIND: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr,
-    GAMMA_LOGITS: tl.constexpr, FSTRIDE: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
-    HP: tl.constexpr, BG: tl.constexpr,
+    GAMMA_LOGITS: tl.constexpr, MAPS: tl.constexpr, FSTRIDE: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr,
+    BV: tl.constexpr, HP: tl.constexpr, BG: tl.constexpr,
 ):
     """Everything of the step but S, per (row, HP query heads of one GQA group): for each head the
     window's softmax weights, z advanced by the keys leaving, the denominator den; and, by the group's
@@ -156,8 +199,14 @@ def _window_kernel(
     den = tl.zeros([BG], dtype=tl.float32)
     moves = W == 0  # z changes: always for linear-only, else when keys leave the window
     if HAS_LINEAR:
-        fq = tl.load(fq_ptr + heads[:, None] * FSTRIDE + offs_f[None, :], mask=mask_gf, other=0.0).to(tl.float32)
-        fk_new = tl.load(fk_ptr + heads[:, None] * FSTRIDE + offs_f[None, :], mask=mask_gf, other=0.0).to(tl.float32)
+        if MAPS:  # the Hedgehog maps here, not in a launch before: phi_k goes to the state kernel only without a window
+            fq, fk_new = _hedgehog_of_heads(q_ptr, k_row, wq_ptr, wk_ptr, eps, heads, hk * G + offs_g, mask_g,
+                                            D, F, BF, BV, BG)
+            if W == 0:
+                tl.store(fk_ptr + heads[:, None] * FSTRIDE + offs_f[None, :], fk_new, mask=mask_gf)
+        else:
+            fq = tl.load(fq_ptr + heads[:, None] * FSTRIDE + offs_f[None, :], mask=mask_gf, other=0.0).to(tl.float32)
+            fk_new = tl.load(fk_ptr + heads[:, None] * FSTRIDE + offs_f[None, :], mask=mask_gf, other=0.0).to(tl.float32)
         z = tl.load(k_state_ptr + heads[:, None] * F + offs_f[None, :], mask=mask_gf, other=0.0)
     if W > 0:
         # window scores: the old keys still inside, positions start .. p-1 (at slots j % R), then the new key
@@ -278,6 +327,9 @@ class StepTiles:
     window_warps: int = WINDOW_WARPS
     # query heads per `_window_kernel` program, at most the group; None: by GROUP_PROGRAMS
     window_heads: int | None = None
+    # the Hedgehog maps computed by the window kernel's programs (each reads its heads' weights) instead of
+    # `_hedgehog_rows_kernel` (a launch before it, reading them once per 16 rows)
+    maps_in_window: bool = False
 
 
 class Launch(NamedTuple):
@@ -292,7 +344,8 @@ class Launch(NamedTuple):
 def launches(B: int, H: int, Hkv: int, D: int, F: int, R: int, window_size: int, kind: int, linear: bool,
              maps: bool, gamma: bool, tiles: StepTiles = StepTiles(), gamma_logits: bool = False
              ) -> dict[str, Launch]:
-    """The step's launches by name ("maps" with `maps`, "window", "state" with `linear`), in launch
+    """The step's launches by name ("maps" with `maps` unless the window kernel computes them, "window",
+    "state" with `linear`), in launch
     order; `benchmarks/decode_registers.py` compiles the same ones for the register report. Cached:
     callers must not change what it returns. `gamma_logits`: gamma comes as the mix's logits."""
     BF = max(16, triton.next_power_of_2(max(F, 1)))
@@ -305,13 +358,14 @@ def launches(B: int, H: int, Hkv: int, D: int, F: int, R: int, window_size: int,
     window_BV = min(window_tile, triton.next_power_of_2(D))
     sizes = dict(H=H, HKV=Hkv, D=D, F=F, R=R, W=window_size, KIND=kind, FSTRIDE=2 * F if maps else F, BF=BF)
     plan = {}
-    if maps:
+    maps_in_window = maps and tiles.maps_in_window
+    if maps and not maps_in_window:
         BH = max(16, triton.next_power_of_2(F // 2))
         plan["maps"] = Launch(_hedgehog_rows_kernel, (H, triton.cdiv(B, MAP_ROWS)),
                               dict(H=H, HKV=Hkv, D=D, F=F, BB=MAP_ROWS, BH=BH, BV=max(16, min(32, TILE_VALUES // 2 // BH))),
                               4)
     plan["window"] = Launch(_window_kernel, (B * Hkv * triton.cdiv(G, HP),),
-                            dict(sizes, HAS_LINEAR=linear, HAS_GAMMA=gamma, GAMMA_LOGITS=gamma_logits, BC=BC, BV=window_BV, HP=HP, BG=BG),
+                            dict(sizes, HAS_LINEAR=linear, HAS_GAMMA=gamma, GAMMA_LOGITS=gamma_logits, MAPS=maps_in_window, BC=BC, BV=window_BV, HP=HP, BG=BG),
                             tiles.window_warps)
     if linear:
         plan["state"] = Launch(_state_kernel, (B * H, triton.cdiv(D, BV)), dict(sizes, BV=BV), tiles.state_warps)
@@ -328,15 +382,19 @@ def _decode_step_fwd(state: RingState, q, k, v, fq, fk, gamma, window_size: int,
                     gamma_logits)
     y = torch.empty_like(q)
     dummy = q  # for tensors a mode never reads (they may be empty, and CUDA refuses null pointers)
-    if hedgehog is not None:
-        features = torch.empty(B, H, 2, F, device=q.device, dtype=torch.float32)
-        _launch(plan["maps"], q, k, *hedgehog[:2], features, B, hedgehog.eps)
+    weights, eps = (dummy, dummy), 0.0
+    if hedgehog is not None:  # computed by the maps kernel, or by the window kernel (then phi_k lands here
+        features = torch.empty(B, H, 2, F, device=q.device, dtype=torch.float32)  # for linear-only's S only)
+        if "maps" in plan:
+            _launch(plan["maps"], q, k, *hedgehog[:2], features, B, hedgehog.eps)
+        else:
+            weights, eps = hedgehog[:2], hedgehog.eps
         fq, fk = features[:, :, 0], features[:, :, 1]
     partial = torch.empty(B, H, D, device=q.device, dtype=torch.float32) if linear else y
     query = torch.empty(B, H, F, device=q.device, dtype=torch.float32) if linear else dummy
     linear_args = (fq, fk, state.kv_state, state.k_state, state.ring_fk) if linear else (dummy,) * 5
-    _launch(plan["window"], q, k, v, *linear_args[:2], gamma if gamma is not None else dummy, state.positions,
-            linear_args[3], state.ring_k, state.ring_v, linear_args[4], partial, query, scale)
+    _launch(plan["window"], q, k, v, *linear_args[:2], *weights, gamma if gamma is not None else dummy,
+            state.positions, linear_args[3], state.ring_k, state.ring_v, linear_args[4], partial, query, scale, eps)
     if linear:
         _launch(plan["state"], v, linear_args[1], state.positions, state.kv_state, state.ring_v, state.ring_fk,
                 partial, query, y)
