@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from kernels.hybrid_attention import RingState, fill_ring_state, ring_size
-from kernels.hybrid_attention.fused_recurrent import HedgehogMaps, StepTiles, _decode_step_fwd, launches
+from kernels.hybrid_attention.decode_maps import HedgehogMaps
+from kernels.hybrid_attention.fused_recurrent import StepTiles, _decode_step_fwd, launches
 from kernels.hybrid_attention.kernel_windows import kernel_code
 from pipeline.hybrid.feature_maps import PHI_EPS, HedgehogFeatureMap
 

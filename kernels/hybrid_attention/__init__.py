@@ -16,7 +16,8 @@ from .naive import hybrid_attention_naive, hybrid_attention_weights
 from .parallel import hybrid_attention_parallel
 from .recurrent import HybridState, hybrid_attention_recurrent, hybrid_attention_step, prefill_state
 from .windows import WINDOW_KINDS, window_kind
-# The decode step: fixed-size ring state (ring.py), PyTorch step and its fused Triton kernel.
+# The decode step: fixed-size ring state (ring.py), PyTorch step and its fused Triton kernels (their Hedgehog
+# maps in decode_maps.py).
 from .fused_recurrent import fused_recurrent_hybrid_attention
 from .ring import RingState, fill_ring_state, hybrid_attention_ring_step, ring_size
 

@@ -5,8 +5,10 @@ against): for every (row, query head),
   1. keys leaving the window since the previous token -> S += fk v^T, z += fk (fp32),
   2. the new key, value and feature-mapped key -> their ring slot,
   3. y = (gamma sum_win e^{s - m} v + fq S) / (gamma sum_win e^{s - m} + fq z).
-Three launches a layer (two when fq, fk come in computed), cut where the work changes shape:
-  `_hedgehog_rows_kernel`  (head, 16 rows): phi_q, phi_k of the new token (with `hedgehog` only);
+Three launches a layer (two when fq, fk come in computed, or when the window kernel maps them:
+`StepTiles.maps_in_window`), cut where the work changes shape:
+  `_hedgehog_rows_kernel`  (head, 16 rows): phi_q, phi_k of the new token (with `hedgehog` only;
+                           decode_maps.py);
   `_window_kernel`         (row, HP query heads of a GQA group): window scores and values, z, the
                            denominator, the ring;
   `_state_kernel`          (row, head, BV value columns): S advanced and read, y.
@@ -28,9 +30,9 @@ Every window kind the kernels implement is an interval ending at the query, star
 `kernel_windows.window_start(p)` (the kind's rule from the registry, by its code KIND), so the keys
 leaving at step p are the positions [start(p-1), start(p)); other kinds are refused before launch.
 
-Feature maps: fq, fk come in computed, or (`hedgehog`) the first kernel computes the Hedgehog map
-from the weights W_q, W_k [H,D,F/2] of `pipeline.hybrid.feature_maps.HedgehogFeatureMap`,
-phi(x) = max([softmax(x W_h), softmax(-x W_h)], eps), for the query and the new key.
+Feature maps: fq, fk come in computed, or (`hedgehog`) the step computes the Hedgehog maps of the
+query and the new key (decode_maps.py). The mix gamma comes in, or (`window_factors`) as its logits,
+whose sigmoid the window kernel takes.
 
 Math is fp32: elementwise, plus exact ("ieee") fp32 dots for the maps, so the kernels match the
 PyTorch step and run under TRITON_INTERPRET=1 on CPU.
@@ -44,16 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode_maps import MAP_ROWS, HedgehogMaps, _hedgehog_of_heads, _hedgehog_rows_kernel
 from .kernel_windows import kernel_code, window_start
 from .ring import RingState
-
-
-class HedgehogMaps(NamedTuple):
-    """Query and key Hedgehog maps the step applies itself: W [H,D,F/2] each (the hybrid's fp32
-    masters, or a model cast whole to bf16; read as fp32), and their clamp."""
-    weight_q: torch.Tensor
-    weight_k: torch.Tensor
-    eps: float
 
 
 # Tiles and warps of the staged kernels, from the compiler's register report for sm_90 at the Llama-3-8B
@@ -73,89 +68,6 @@ WINDOW_VALUES = 4096  # heads x window x columns products per loop step at most:
 # residency. H100, Llama-3-8B layer step, us: batch 1 (8 groups) one head 18 vs a group 30; batch 16
 # (128) 41 vs 48; batch 64 (512) 119 vs 104 (benchmarks/h100/generate/2026-12-07c)
 GROUP_PROGRAMS = 256
-MAP_ROWS = 16  # rows per `_hedgehog_rows_kernel` program: tl.dot's smallest M
-
-
-@triton.jit
-def _hedgehog_rows_kernel(
-    q_ptr, k_ptr, wq_ptr, wk_ptr, features_ptr, B, eps,
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
-    BB: tl.constexpr, BH: tl.constexpr, BV: tl.constexpr,
-):
-    """phi_q and phi_k of the new token for BB rows of one head: features[b, h] = [phi_q, phi_k], each
-    [F] fp32. One program reads its head's W_q, W_k [D,F/2] once for all its rows (a dot per D tile);
-    one program per (row, head) would read them B times."""
-    h = tl.program_id(0)
-    rows = tl.program_id(1) * BB + tl.arange(0, BB)
-    mask_rows = rows < B
-    hk = h // (H // HKV)
-    half = F // 2
-    offs_j = tl.arange(0, BH)
-    mask_j = offs_j < half
-    u_q = tl.zeros([BB, BH], dtype=tl.float32)
-    u_k = tl.zeros([BB, BH], dtype=tl.float32)
-    for d0 in tl.static_range(0, D, BV):
-        offs_d = d0 + tl.arange(0, BV)
-        mask_d = offs_d < D
-        mask_x = mask_rows[:, None] & mask_d[None, :]
-        mask_w = mask_d[:, None] & mask_j[None, :]
-        x_q = tl.load(q_ptr + (rows[:, None] * H + h) * D + offs_d[None, :], mask=mask_x, other=0.0).to(tl.float32)
-        x_k = tl.load(k_ptr + (rows[:, None] * HKV + hk) * D + offs_d[None, :], mask=mask_x, other=0.0).to(tl.float32)
-        w_q = tl.load(wq_ptr + h * D * half + offs_d[:, None] * half + offs_j[None, :], mask=mask_w, other=0.0)
-        w_k = tl.load(wk_ptr + h * D * half + offs_d[:, None] * half + offs_j[None, :], mask=mask_w, other=0.0)
-        u_q += tl.dot(x_q, w_q.to(tl.float32), input_precision="ieee")
-        u_k += tl.dot(x_k, w_k.to(tl.float32), input_precision="ieee")
-    out = features_ptr + (rows[:, None] * H + h) * 2 * F + offs_j[None, :]
-    mask_out = mask_rows[:, None] & mask_j[None, :]
-    for which in tl.static_range(2):  # 0: phi_q, 1: phi_k
-        u = u_q if which == 0 else u_k
-        for sign in tl.static_range(2):  # the softmax of u, then of -u, each clamped at eps
-            x = tl.where(mask_j[None, :], u if sign == 0 else -u, float("-inf"))
-            e = tl.exp(x - tl.max(x, axis=1)[:, None])
-            tl.store(out + which * F + sign * half, tl.maximum(e / tl.sum(e, axis=1)[:, None], eps), mask=mask_out)
-
-
-@triton.jit
-def _hedgehog_halves(u, first, mask, eps):
-    """[softmax(u), softmax(-u)] clamped at eps, from u [BG,BF] whose columns hold each half's u side by
-    side (`first`: the columns of the first half; `mask`: the real (head, column) pairs, others 0)."""
-    x = tl.where(mask, tl.where(first, u, -u), float("-inf"))
-    m = tl.where(first, tl.max(tl.where(first, x, float("-inf")), axis=1)[:, None],
-                 tl.max(tl.where(first, float("-inf"), x), axis=1)[:, None])
-    e = tl.where(mask, tl.exp(x - m), 0.0)
-    total = tl.where(first, tl.sum(tl.where(first, e, 0.0), axis=1)[:, None],
-                     tl.sum(tl.where(first, 0.0, e), axis=1)[:, None])
-    return tl.where(mask, tl.maximum(e / total, eps), 0.0)
-
-
-@triton.jit
-def _hedgehog_of_heads(q_ptr, k_row, wq_ptr, wk_ptr, eps, heads, head, mask_g,
-                       D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BG: tl.constexpr):
-    """phi_q, phi_k [BG,BF] of the new token for a window program's heads (`heads` flat (row, head),
-    `head` the head index of each): what `_hedgehog_rows_kernel` computes, where the step's maps run
-    in the window kernel (`StepTiles.maps_in_window`). Each W_h [D,F/2] is read twice side by side,
-    once per half of phi, so that phi comes out in the state's column order."""
-    half: tl.constexpr = F // 2
-    offs_f = tl.arange(0, BF)
-    first = (offs_f < half)[None, :]
-    columns = tl.where(offs_f < half, offs_f, offs_f - half)
-    mask_f = offs_f < F
-    u_q = tl.zeros([BG, BF], dtype=tl.float32)
-    u_k = tl.zeros([BG, BF], dtype=tl.float32)
-    for d0 in range(0, D, BV):
-        offs_d = d0 + tl.arange(0, BV)
-        mask_d = offs_d < D
-        x_q = tl.load(q_ptr + heads[:, None] * D + offs_d[None, :], mask=mask_g[:, None] & mask_d[None, :],
-                      other=0.0).to(tl.float32)  # [BG,BV]
-        x_k = tl.load(k_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # [BV]: the group's key
-        w_offsets = (head[:, None, None] * D + offs_d[None, :, None]) * half + columns[None, None, :]
-        w_mask = mask_g[:, None, None] & mask_d[None, :, None] & mask_f[None, None, :]
-        w_q = tl.load(wq_ptr + w_offsets, mask=w_mask, other=0.0).to(tl.float32)  # [BG,BV,BF]
-        w_k = tl.load(wk_ptr + w_offsets, mask=w_mask, other=0.0).to(tl.float32)
-        u_q += tl.sum(x_q[:, :, None] * w_q, axis=1)
-        u_k += tl.sum(x_k[None, :, None] * w_k, axis=1)
-    mask = mask_g[:, None] & mask_f[None, :]
-    return _hedgehog_halves(u_q, first, mask, eps), _hedgehog_halves(u_k, first, mask, eps)
 
 
 @triton.jit
@@ -344,10 +256,10 @@ class Launch(NamedTuple):
 def launches(B: int, H: int, Hkv: int, D: int, F: int, R: int, window_size: int, kind: int, linear: bool,
              maps: bool, gamma: bool, tiles: StepTiles = StepTiles(), gamma_logits: bool = False
              ) -> dict[str, Launch]:
-    """The step's launches by name ("maps" with `maps` unless the window kernel computes them, "window",
-    "state" with `linear`), in launch
-    order; `benchmarks/decode_registers.py` compiles the same ones for the register report. Cached:
-    callers must not change what it returns. `gamma_logits`: gamma comes as the mix's logits."""
+    """The step's launches by name ("maps" with `maps`, unless the window kernel computes them; "window";
+    "state" with `linear`), in launch order; `benchmarks/decode_registers.py` compiles the same ones for
+    the register report. Cached: callers must not change what it returns. `gamma_logits`: gamma comes
+    as the mix's logits."""
     BF = max(16, triton.next_power_of_2(max(F, 1)))
     BV = min(tiles.state_tile, max(16, TILE_VALUES // BF), max(16, triton.next_power_of_2(D)))
     G = H // Hkv
@@ -365,7 +277,8 @@ def launches(B: int, H: int, Hkv: int, D: int, F: int, R: int, window_size: int,
                               dict(H=H, HKV=Hkv, D=D, F=F, BB=MAP_ROWS, BH=BH, BV=max(16, min(32, TILE_VALUES // 2 // BH))),
                               4)
     plan["window"] = Launch(_window_kernel, (B * Hkv * triton.cdiv(G, HP),),
-                            dict(sizes, HAS_LINEAR=linear, HAS_GAMMA=gamma, GAMMA_LOGITS=gamma_logits, MAPS=maps_in_window, BC=BC, BV=window_BV, HP=HP, BG=BG),
+                            dict(sizes, HAS_LINEAR=linear, HAS_GAMMA=gamma, GAMMA_LOGITS=gamma_logits,
+                                 MAPS=maps_in_window, BC=BC, BV=window_BV, HP=HP, BG=BG),
                             tiles.window_warps)
     if linear:
         plan["state"] = Launch(_state_kernel, (B * H, triton.cdiv(D, BV)), dict(sizes, BV=BV), tiles.state_warps)

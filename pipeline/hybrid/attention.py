@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.hybrid_attention import BACKENDS, chunk_refusal, hybrid_attention, hybrid_attention_weights
-from kernels.hybrid_attention.fused_recurrent import HedgehogMaps
+from kernels.hybrid_attention.decode_maps import HedgehogMaps
 
 from .config import HybridConfig
 from .feature_maps import FEATURE_MAPS, PHI_EPS

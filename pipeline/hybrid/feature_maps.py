@@ -34,7 +34,7 @@ class FeatureMap(nn.Module):
     # query head h reading x head h // (H // Hx), so keys need no GQA repeat. None: PyTorch only.
     fused_kernel: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
     # The fused decode kernel applies this map itself, given its weight and PHI_EPS
-    # (kernels.hybrid_attention.fused_recurrent.HedgehogMaps); False: fq, fk are computed before it.
+    # (kernels.hybrid_attention.decode_maps.HedgehogMaps); False: fq, fk are computed before it.
     in_decode_kernel = False
 
     def __init__(self, num_heads: int, head_dim: int, feature_dim: int, init: str):

@@ -10,7 +10,8 @@ import torch
 
 from kernels.hybrid_attention import (WINDOW_KINDS, RingState, fill_ring_state, fused_recurrent_hybrid_attention,
                                       hybrid_attention_recurrent, hybrid_attention_ring_step, ring_size)
-from kernels.hybrid_attention.fused_recurrent import HedgehogMaps, StepTiles, _decode_step_fwd, launches
+from kernels.hybrid_attention.decode_maps import HedgehogMaps
+from kernels.hybrid_attention.fused_recurrent import StepTiles, _decode_step_fwd, launches
 from kernels.hybrid_attention.kernel_windows import kernel_code
 from kernels.testing import TOLERANCE, assert_close
 from pipeline.hybrid.feature_maps import PHI_EPS, HedgehogFeatureMap
