@@ -157,6 +157,18 @@ HEDGEHOG_SHAPES = [pytest.param(4, 2, 16, 8, 4, id="gqa2-d16"), pytest.param(2, 
                    pytest.param(4, 1, 128, 64, 4, id="gqa4-d128-llama")]
 
 
+def hedgehog_case(B, H, Hkv, D, half, window_size, window, prompt, steps, mode):
+    """Inputs over prompt + steps tokens with Hedgehog features from real maps, (q, k, v, fq, fk, gamma,
+    maps), and the state after the prompt twice: for the PyTorch step and for the kernel."""
+    q, k, v, _, _, gamma = make_inputs(B, H, Hkv, prompt + steps, D, 2 * half, mode)
+    map_q, map_k = (HedgehogFeatureMap(H, D, half, "kaiming") for _ in range(2))
+    with torch.no_grad():
+        fq, fk = map_q(q), map_k(k.repeat_interleave(H // Hkv, dim=1))
+    reference = prefilled(q, k, v, fq, fk, window_size, window, prompt)
+    maps = HedgehogMaps(map_q.weight.detach(), map_k.weight.detach(), PHI_EPS)
+    return (q, k, v, fq, fk, gamma, maps), reference, RingState(*(t.clone() for t in reference.tensors()))
+
+
 @pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("mode", ["hybrid", "linear_only"])
 @pytest.mark.parametrize("H,Hkv,D,half,w", HEDGEHOG_SHAPES)
@@ -166,13 +178,8 @@ def test_fused_kernel_applies_the_hedgehog_map_itself(H, Hkv, D, half, w, mode, 
     outputs and states as the PyTorch step given HedgehogFeatureMap's outputs and the sigmoid."""
     B, prompt, steps = 2, 2 * w + 1, 2 * w + 2  # the steps cross a terrace block boundary
     window_size = 0 if mode == "linear_only" else w
-    q, k, v, _, _, gamma = make_inputs(B, H, Hkv, prompt + steps, D, 2 * half, mode)
-    map_q, map_k = (HedgehogFeatureMap(H, D, half, "kaiming") for _ in range(2))
-    with torch.no_grad():
-        fq, fk = map_q(q), map_k(k.repeat_interleave(H // Hkv, dim=1))
-    reference = prefilled(q, k, v, fq, fk, window_size, window, prompt)
-    fused = RingState(*(t.clone() for t in reference.tensors()))
-    maps = HedgehogMaps(map_q.weight.detach(), map_k.weight.detach(), PHI_EPS)
+    (q, k, v, fq, fk, gamma, maps), reference, fused = hedgehog_case(B, H, Hkv, D, half, window_size, window,
+                                                                     prompt, steps, mode)
     factors = None if gamma is None else torch.logit(gamma)
     for t in range(prompt, prompt + steps):
         y_ref = hybrid_attention_ring_step(reference, at(q, t), at(k, t), at(v, t), at(fq, t), at(fk, t), gamma,
@@ -194,13 +201,8 @@ def test_the_window_kernel_can_compute_the_hedgehog_maps_itself(H, Hkv, D, half,
     phi_k on to the state kernel: outputs and states as the PyTorch step's."""
     B, prompt, steps = 2, 2 * w + 1, 2 * w + 2
     window_size = 0 if mode == "linear_only" else w
-    q, k, v, _, _, gamma = make_inputs(B, H, Hkv, prompt + steps, D, 2 * half, mode)
-    map_q, map_k = (HedgehogFeatureMap(H, D, half, "kaiming") for _ in range(2))
-    with torch.no_grad():
-        fq, fk = map_q(q), map_k(k.repeat_interleave(H // Hkv, dim=1))
-    reference = prefilled(q, k, v, fq, fk, window_size, window, prompt)
-    fused = RingState(*(t.clone() for t in reference.tensors()))
-    maps = HedgehogMaps(map_q.weight.detach(), map_k.weight.detach(), PHI_EPS)
+    (q, k, v, fq, fk, gamma, maps), reference, fused = hedgehog_case(B, H, Hkv, D, half, window_size, window,
+                                                                     prompt, steps, mode)
     kind, tiles = kernel_code(window, "fused decode step"), StepTiles(window_heads=heads, maps_in_window=True)
     assert "maps" not in launches(B, H, Hkv, D, 2 * half, fused.ring_k.shape[2], window_size, kind, True, True,
                                   gamma is not None, tiles)
