@@ -159,10 +159,10 @@ class EagerGraph:
     buffers into its logits buffer, and puts back the host counters the step advanced (a replay runs no
     Python: DecodeGraphs.step advances them)."""
 
-    def __init__(self, forward, cache, kwargs: dict):
+    def __init__(self, forward, cache, kwargs: dict, vocab_size: int):
         self.forward, self.cache = forward, cache
         self.inputs = StaticInputs.like(kwargs)
-        self.logits = torch.zeros(kwargs["input_ids"].shape[0], 1, cache_vocab(forward))
+        self.logits = torch.zeros(kwargs["input_ids"].shape[0], 1, vocab_size)
 
     def replay(self) -> None:
         seen = [layer.seen for layer in self.cache.layers]
@@ -170,10 +170,6 @@ class EagerGraph:
             self.logits.copy_(self.forward(**decode_graph._graph_kwargs(self.inputs, self.cache)).logits)
         for layer, count in zip(self.cache.layers, seen):
             layer.seen = count
-
-
-def cache_vocab(forward) -> int:
-    return forward.__self__.config.vocab_size
 
 
 def test_one_captured_step_serves_plain_calls_and_generate_and_a_reallocated_state_captures_again(model,
@@ -185,7 +181,7 @@ def test_one_captured_step_serves_plain_calls_and_generate_and_a_reallocated_sta
 
     def capture(forward, cache, kwargs):
         captures.append(cache.get_seq_length())
-        graph = EagerGraph(forward, cache, kwargs)
+        graph = EagerGraph(forward, cache, kwargs, model.config.vocab_size)
         return decode_graph.CapturedStep(graph, graph.inputs, graph.logits, decode_graph.states_of(cache))
 
     monkeypatch.setattr(decode_graph, "_WARMED", decode_graph.weakref.WeakKeyDictionary())
