@@ -296,8 +296,10 @@ def _decode_step_fwd(state: RingState, q, k, v, fq, fk, gamma, window_size: int,
     y = torch.empty_like(q)
     dummy = q  # for tensors a mode never reads (they may be empty, and CUDA refuses null pointers)
     weights, eps = (dummy, dummy), 0.0
-    if hedgehog is not None:  # computed by the maps kernel, or by the window kernel (then phi_k lands here
-        features = torch.empty(B, H, 2, F, device=q.device, dtype=torch.float32)  # for linear-only's S only)
+    if hedgehog is not None:
+        # phi_q, phi_k from the maps kernel; or computed by the window kernel, which writes phi_k here only
+        # for linear-only's state kernel
+        features = torch.empty(B, H, 2, F, device=q.device, dtype=torch.float32)
         if "maps" in plan:
             _launch(plan["maps"], q, k, *hedgehog[:2], features, B, hedgehog.eps)
         else:
