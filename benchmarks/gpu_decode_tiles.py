@@ -2,14 +2,13 @@
 
 Usage (repo root): python -m benchmarks.gpu_decode_tiles [--batches 1 64] [--kernels state window]
     [--tiles 32 64 128] [--warps 4 8 16] [--window-tiles 4 8 16] [--window-warps 4 8 16] [--window-heads 1 4]
-    [--maps-in-window off on] [--window terrace] [--variants maps_in_kernel maps_given window_only] [--out DIR] [--smoke]
+    [--window terrace] [--variants maps_in_kernel maps_given window_only] [--out DIR] [--smoke]
 One Llama-3-8B-shaped layer (H 32, Hkv 8, D 128, Hedgehog 64 -> F 128, window 64) after a 4K prompt,
 the Hedgehog maps applied by the step (`HedgehogMaps`), as a HybridCache decode step runs it. Per
 batch, --kernels `state` (S columns per program --tiles x --warps) and `window` (head-dim columns per
 loop step --window-tiles x --warps of `_window_kernel`, taken as given, while its default is capped by a
-register budget; --window-heads query heads per program, by default its rule by batch; --maps-in-window
-on: the Hedgehog maps computed by the window kernel's programs, not in a launch of their own; the row
-gives the tile, heads and maps placement it ran), the other kernel at its defaults: the step replayed from a CUDA graph
+register budget; --window-heads query heads per program, by default its rule by batch; the row gives
+the tile and heads it ran), the other kernel at its defaults: the step replayed from a CUDA graph
 (device time, no launch overhead), ms, and its output's largest difference from the default
 configuration's (the same step from the same state: tiles change the order of fp32 sums only). `bytes_floor_ms` is the state
 and ring bytes the step must read and write (`state_bytes`) over the copy bandwidth measured in the run.
@@ -90,14 +89,14 @@ def hedgehog(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return feature_map.grouped(x[:, :, None], fused=False)[:, :, 0]
 
 
-def configurations(kernel: str, tiles: list[int], warps: list[int], heads: list[int | None] = (None,),
-                   maps_in_window: list[bool] = (False,)) -> list[StepTiles]:
-    """The swept kernel's (tile, warps) pairs (the window kernel's for each heads per program, None: its
-    rule, and with the maps in their own launch or in the window kernel), the other kernel at its defaults."""
+def configurations(kernel: str, tiles: list[int], warps: list[int], heads: list[int | None] = (None,)
+                   ) -> list[StepTiles]:
+    """The swept kernel's (tile, warps) pairs (the window kernel's for each heads per program; None: its
+    rule), the other kernel at its defaults."""
     if kernel == "state":
         return [StepTiles(state_tile=tile, state_warps=warp) for tile in tiles for warp in warps]
-    return [StepTiles(window_tile=tile, window_warps=warp, window_heads=head, maps_in_window=inside)
-            for inside in maps_in_window for head in heads for tile in tiles for warp in warps]
+    return [StepTiles(window_tile=tile, window_warps=warp, window_heads=head)
+            for head in heads for tile in tiles for warp in warps]
 
 
 def sweep(shape: AttentionShape, batch: int, window: str, kernel: str, configs: list[StepTiles], dtype: torch.dtype,
@@ -126,8 +125,7 @@ def sweep(shape: AttentionShape, batch: int, window: str, kernel: str, configs: 
     for tiles in configs:
         constexprs = launch(tiles).constexprs
         row: dict[str, Any] = {"variant": variant, "batch": batch, "kernel": kernel, "tile": constexprs["BV"],
-                               "heads": constexprs.get("HP"), "maps_in_window": constexprs.get("MAPS"),
-                               "num_warps": launch(tiles).num_warps,
+                               "heads": constexprs.get("HP"), "num_warps": launch(tiles).num_warps,
                                "default": launch(tiles) == launch(StepTiles())}
         row["max_abs_diff"] = guarded(lambda: float((step(tiles).float() - reference).abs().max()), device)
         work = RingState(*(t.clone() for t in state.tensors()))
@@ -148,8 +146,6 @@ def main() -> None:
     parser.add_argument("--window-warps", type=int, nargs="+", default=[4, 8, 16], help="window kernel")
     parser.add_argument("--window-heads", type=int, nargs="+", default=[None],
                         help="window kernel: query heads per program (default: its rule by batch)")
-    parser.add_argument("--maps-in-window", nargs="+", default=["off"], choices=["off", "on"],
-                        help="window kernel: the Hedgehog maps in their own launch (off) or in its programs (on)")
     parser.add_argument("--window", default="terrace", choices=["sliding", "terrace"])
     parser.add_argument("--variants", nargs="+", default=["maps_in_kernel"], choices=VARIANTS)
     parser.add_argument("--out", help="results folder (default: benchmarks/<this GPU>, e.g. benchmarks/h200)")
@@ -160,15 +156,14 @@ def main() -> None:
     shape = SMOKE_SHAPES["tiny"] if args.smoke else SHAPES["llama3-8b"]
     if args.smoke:
         args.batches, args.tiles, args.warps, args.window_tiles, args.window_warps = [1, 2], [16, 32], [4], [4, 16], [4]
-        args.window_heads, args.maps_in_window = [None, 1], ["off", "on"]
+        args.window_heads = [None, 1]
     torch.manual_seed(0)
     bandwidth = copy_bandwidth_tb_s(device) if device.type == "cuda" else None
     result: dict[str, Any] = {"environment": environment(device), "shape": vars(shape), "window": args.window,
                               "window_size": WINDOW_SIZE, "dtype": str(dtype), "copy_bandwidth_tb_s": bandwidth,
                               "defaults": vars(StepTiles()), "batches": {}}
     swept = {"state": configurations("state", args.tiles, args.warps),
-             "window": configurations("window", args.window_tiles, args.window_warps, args.window_heads,
-                                      [choice == "on" for choice in args.maps_in_window])}
+             "window": configurations("window", args.window_tiles, args.window_warps, args.window_heads)}
     for batch in args.batches:
         rows = [row for variant in args.variants for kernel in args.kernels
                 for row in sweep(shape, batch, args.window, kernel, swept[kernel], dtype, device, variant)]
@@ -178,8 +173,7 @@ def main() -> None:
         write_result(results_dir(args.out, device), "gpu_decode_tiles", result)
     print("wrote", write_result(results_dir(args.out, device), "gpu_decode_tiles", result))
     print(format_table([r for b in result["batches"].values() for r in b["rows"]],
-                       ["variant", "batch", "kernel", "tile", "heads", "maps_in_window", "num_warps", "default", "ms",
-                        "max_abs_diff"]))
+                       ["variant", "batch", "kernel", "tile", "heads", "num_warps", "default", "ms", "max_abs_diff"]))
 
 
 if __name__ == "__main__":

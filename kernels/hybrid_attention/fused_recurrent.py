@@ -5,8 +5,7 @@ against): for every (row, query head),
   1. keys leaving the window since the previous token -> S += fk v^T, z += fk (fp32),
   2. the new key, value and feature-mapped key -> their ring slot,
   3. y = (gamma sum_win e^{s - m} v + fq S) / (gamma sum_win e^{s - m} + fq z).
-Three launches a layer (two when fq, fk come in computed, or when the window kernel maps them:
-`StepTiles.maps_in_window`), cut where the work changes shape:
+Three launches a layer (two when fq, fk come in computed), cut where the work changes shape:
   `_hedgehog_rows_kernel`  (head, 16 rows): phi_q, phi_k of the new token (with `hedgehog` only;
                            decode_maps.py);
   `_window_kernel`         (row, HP query heads of a GQA group): window scores and values, z, the
@@ -46,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_maps import MAP_ROWS, HedgehogMaps, _hedgehog_of_heads, _hedgehog_rows_kernel
+from .decode_maps import MAP_ROWS, HedgehogMaps, _hedgehog_rows_kernel
 from .kernel_windows import kernel_code, window_start
 from .ring import RingState
 
@@ -72,13 +71,13 @@ GROUP_PROGRAMS = 256
 
 @triton.jit
 def _window_kernel(
-    q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, wq_ptr, wk_ptr, gamma_ptr, pos_ptr,
+    q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr, gamma_ptr, pos_ptr,
     k_state_ptr, ring_k_ptr, ring_v_ptr, ring_fk_ptr, out_ptr, query_ptr,
-    scale, eps,
+    scale,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, F: tl.constexpr, R: tl.constexpr,
     W: tl.constexpr, KIND: tl.constexpr, HAS_LINEAR: tl.constexpr, HAS_GAMMA: tl.constexpr,
-    GAMMA_LOGITS: tl.constexpr, MAPS: tl.constexpr, FSTRIDE: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr,
-    BV: tl.constexpr, HP: tl.constexpr, BG: tl.constexpr,
+    GAMMA_LOGITS: tl.constexpr, FSTRIDE: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr,
+    HP: tl.constexpr, BG: tl.constexpr,
 ):
     """Everything of the step but S, per (row, HP query heads of one GQA group): for each head the
     window's softmax weights, z advanced by the keys leaving, the denominator den; and, by the group's
@@ -111,14 +110,8 @@ def _window_kernel(
     den = tl.zeros([BG], dtype=tl.float32)
     moves = W == 0  # z changes: always for linear-only, else when keys leave the window
     if HAS_LINEAR:
-        if MAPS:  # the Hedgehog maps here, not in a launch before: phi_k goes to the state kernel only without a window
-            fq, fk_new = _hedgehog_of_heads(q_ptr, k_row, wq_ptr, wk_ptr, eps, heads, hk * G + offs_g, mask_g,
-                                            D, F, BF, BV, BG)
-            if W == 0:
-                tl.store(fk_ptr + heads[:, None] * FSTRIDE + offs_f[None, :], fk_new, mask=mask_gf)
-        else:
-            fq = tl.load(fq_ptr + heads[:, None] * FSTRIDE + offs_f[None, :], mask=mask_gf, other=0.0).to(tl.float32)
-            fk_new = tl.load(fk_ptr + heads[:, None] * FSTRIDE + offs_f[None, :], mask=mask_gf, other=0.0).to(tl.float32)
+        fq = tl.load(fq_ptr + heads[:, None] * FSTRIDE + offs_f[None, :], mask=mask_gf, other=0.0).to(tl.float32)
+        fk_new = tl.load(fk_ptr + heads[:, None] * FSTRIDE + offs_f[None, :], mask=mask_gf, other=0.0).to(tl.float32)
         z = tl.load(k_state_ptr + heads[:, None] * F + offs_f[None, :], mask=mask_gf, other=0.0)
     if W > 0:
         # window scores: the old keys still inside, positions start .. p-1 (at slots j % R), then the new key
@@ -239,9 +232,6 @@ class StepTiles:
     window_warps: int = WINDOW_WARPS
     # query heads per `_window_kernel` program, at most the group; None: by GROUP_PROGRAMS
     window_heads: int | None = None
-    # the Hedgehog maps computed by the window kernel's programs (each reads its heads' weights) instead of
-    # `_hedgehog_rows_kernel` (a launch before it, reading them once per 16 rows)
-    maps_in_window: bool = False
 
 
 class Launch(NamedTuple):
@@ -256,10 +246,9 @@ class Launch(NamedTuple):
 def launches(B: int, H: int, Hkv: int, D: int, F: int, R: int, window_size: int, kind: int, linear: bool,
              maps: bool, gamma: bool, tiles: StepTiles = StepTiles(), gamma_logits: bool = False
              ) -> dict[str, Launch]:
-    """The step's launches by name ("maps" with `maps`, unless the window kernel computes them; "window";
-    "state" with `linear`), in launch order; `benchmarks/decode_registers.py` compiles the same ones for
-    the register report. Cached: callers must not change what it returns. `gamma_logits`: gamma comes
-    as the mix's logits."""
+    """The step's launches by name ("maps" with `maps`, "window", "state" with `linear`), in launch
+    order; `benchmarks/decode_registers.py` compiles the same ones for the register report. Cached:
+    callers must not change what it returns. `gamma_logits`: gamma comes as the mix's logits."""
     BF = max(16, triton.next_power_of_2(max(F, 1)))
     BV = min(tiles.state_tile, max(16, TILE_VALUES // BF), max(16, triton.next_power_of_2(D)))
     G = H // Hkv
@@ -270,15 +259,14 @@ def launches(B: int, H: int, Hkv: int, D: int, F: int, R: int, window_size: int,
     window_BV = min(window_tile, triton.next_power_of_2(D))
     sizes = dict(H=H, HKV=Hkv, D=D, F=F, R=R, W=window_size, KIND=kind, FSTRIDE=2 * F if maps else F, BF=BF)
     plan = {}
-    maps_in_window = maps and tiles.maps_in_window
-    if maps and not maps_in_window:
+    if maps:
         BH = max(16, triton.next_power_of_2(F // 2))
         plan["maps"] = Launch(_hedgehog_rows_kernel, (H, triton.cdiv(B, MAP_ROWS)),
                               dict(H=H, HKV=Hkv, D=D, F=F, BB=MAP_ROWS, BH=BH, BV=max(16, min(32, TILE_VALUES // 2 // BH))),
                               4)
     plan["window"] = Launch(_window_kernel, (B * Hkv * triton.cdiv(G, HP),),
                             dict(sizes, HAS_LINEAR=linear, HAS_GAMMA=gamma, GAMMA_LOGITS=gamma_logits,
-                                 MAPS=maps_in_window, BC=BC, BV=window_BV, HP=HP, BG=BG),
+                                 BC=BC, BV=window_BV, HP=HP, BG=BG),
                             tiles.window_warps)
     if linear:
         plan["state"] = Launch(_state_kernel, (B * H, triton.cdiv(D, BV)), dict(sizes, BV=BV), tiles.state_warps)
@@ -295,21 +283,15 @@ def _decode_step_fwd(state: RingState, q, k, v, fq, fk, gamma, window_size: int,
                     gamma_logits)
     y = torch.empty_like(q)
     dummy = q  # for tensors a mode never reads (they may be empty, and CUDA refuses null pointers)
-    weights, eps = (dummy, dummy), 0.0
     if hedgehog is not None:
-        # phi_q, phi_k from the maps kernel; or computed by the window kernel, which writes phi_k here only
-        # for linear-only's state kernel
         features = torch.empty(B, H, 2, F, device=q.device, dtype=torch.float32)
-        if "maps" in plan:
-            _launch(plan["maps"], q, k, *hedgehog[:2], features, B, hedgehog.eps)
-        else:
-            weights, eps = hedgehog[:2], hedgehog.eps
+        _launch(plan["maps"], q, k, *hedgehog[:2], features, B, hedgehog.eps)
         fq, fk = features[:, :, 0], features[:, :, 1]
     partial = torch.empty(B, H, D, device=q.device, dtype=torch.float32) if linear else y
     query = torch.empty(B, H, F, device=q.device, dtype=torch.float32) if linear else dummy
     linear_args = (fq, fk, state.kv_state, state.k_state, state.ring_fk) if linear else (dummy,) * 5
-    _launch(plan["window"], q, k, v, *linear_args[:2], *weights, gamma if gamma is not None else dummy,
-            state.positions, linear_args[3], state.ring_k, state.ring_v, linear_args[4], partial, query, scale, eps)
+    _launch(plan["window"], q, k, v, *linear_args[:2], gamma if gamma is not None else dummy, state.positions,
+            linear_args[3], state.ring_k, state.ring_v, linear_args[4], partial, query, scale)
     if linear:
         _launch(plan["state"], v, linear_args[1], state.positions, state.kv_state, state.ring_v, state.ring_fk,
                 partial, query, y)

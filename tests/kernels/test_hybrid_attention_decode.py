@@ -191,45 +191,14 @@ def test_fused_kernel_applies_the_hedgehog_map_itself(H, Hkv, D, half, w, mode, 
         assert_close(name, getattr(reference, name), getattr(fused, name))
 
 
-@pytest.mark.parametrize("window", WINDOWS)
-@pytest.mark.parametrize("mode", ["hybrid", "linear_only"])
-@pytest.mark.parametrize("heads", [1, 2])
-@pytest.mark.parametrize("H,Hkv,D,half,w", HEDGEHOG_SHAPES[:2])
-def test_the_window_kernel_can_compute_the_hedgehog_maps_itself(H, Hkv, D, half, w, heads, mode, window):
-    """`StepTiles(maps_in_window=True)`: no maps launch; each window program maps its own heads' query and
-    the group's key (one head, or two with a masked one where the group has one), and linear-only hands
-    phi_k on to the state kernel: outputs and states as the PyTorch step's."""
-    B, prompt, steps = 2, 2 * w + 1, 2 * w + 2
-    window_size = 0 if mode == "linear_only" else w
-    (q, k, v, fq, fk, gamma, maps), reference, fused = hedgehog_case(B, H, Hkv, D, half, window_size, window,
-                                                                     prompt, steps, mode)
-    kind, tiles = kernel_code(window, "fused decode step"), StepTiles(window_heads=heads, maps_in_window=True)
-    assert "maps" not in launches(B, H, Hkv, D, 2 * half, fused.ring_k.shape[2], window_size, kind, True, True,
-                                  gamma is not None, tiles)
-    for t in range(prompt, prompt + steps):
-        y_ref = hybrid_attention_ring_step(reference, at(q, t), at(k, t), at(v, t), at(fq, t), at(fk, t), gamma,
-                                           window_size, window)
-        y_fused = _decode_step_fwd(fused, *(x.contiguous() for x in (at(q, t), at(k, t), at(v, t))), None, None,
-                                   gamma, window_size, kind, D ** -0.5, maps, tiles)
-        fused.positions.add_(1)
-        assert_close(f"y at {t}", y_ref, y_fused)
-    for name in ("kv_state", "k_state", "ring_fk"):
-        assert_close(name, getattr(reference, name), getattr(fused, name))
-
-
 def test_fused_kernel_maps_rows_in_blocks():
     """The Hedgehog maps of the new token are computed for 16 rows a program: 19 rows take two programs
     per head, the second partly masked, and every row still gets its own features."""
     B, H, Hkv, D, half, w, prompt = 19, 2, 1, 16, 8, 4, 9
-    q, k, v, _, _, gamma = make_inputs(B, H, Hkv, prompt + 1, D, 2 * half, "hybrid")
-    map_q, map_k = (HedgehogFeatureMap(H, D, half, "kaiming") for _ in range(2))
-    with torch.no_grad():
-        fq, fk = map_q(q), map_k(k.repeat_interleave(H // Hkv, dim=1))
-    reference = prefilled(q, k, v, fq, fk, w, "sliding", prompt)
-    fused = RingState(*(t.clone() for t in reference.tensors()))
+    (q, k, v, fq, fk, gamma, maps), reference, fused = hedgehog_case(B, H, Hkv, D, half, w, "sliding", prompt, 1,
+                                                                     "hybrid")
     y_ref = hybrid_attention_ring_step(reference, at(q, prompt), at(k, prompt), at(v, prompt), at(fq, prompt),
                                        at(fk, prompt), gamma, w, "sliding")
-    maps = HedgehogMaps(map_q.weight.detach(), map_k.weight.detach(), PHI_EPS)
     y_fused = fused_recurrent_hybrid_attention(fused, at(q, prompt), at(k, prompt), at(v, prompt), None, None, gamma,
                                                w, "sliding", hedgehog=maps)
     assert_close("y", y_ref, y_fused)
